@@ -1,0 +1,211 @@
+#include "checkpoint/checkpoint.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/files.hpp"
+#include "core/error.hpp"
+
+namespace caftrain {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+[[noreturn]] void corrupt(const std::string& path, const std::string& what) {
+  throw Error(Errc::corrupt_checkpoint, "checkpoint '" + path + "': " + what);
+}
+
+} // namespace
+
+// -- metadata JSON ----------------------------------------------------------------------
+
+std::string to_json(const CheckpointMetadata& m) {
+  json files = json::object();
+  for (auto& [name, d] : m.files)
+    files[name] = {{"size", d.size}, {"crc32", d.crc32}};
+  json j = {{"format_version", m.format_version},
+            {"run", m.run},
+            {"attempt", m.attempt},
+            {"report_index", m.report_index},
+            {"epoch", m.epoch},
+            {"global_step", m.global_step},
+            {"metrics", m.metrics},
+            {"world_size", m.world_size},
+            {"strategy", m.strategy},
+            {"created_at", m.created_at},
+            {"files", files}};
+  return j.dump(2);
+}
+
+CheckpointMetadata metadata_from_json(const std::string& text, const std::string& origin) {
+  CheckpointMetadata m;
+  try {
+    auto j = json::parse(text);
+    m.format_version = j.at("format_version").get<int>();
+    if (m.format_version > kCheckpointFormatVersion)
+      corrupt(origin, "format version " + std::to_string(m.format_version) +
+                        " is newer than this build reads (" +
+                        std::to_string(kCheckpointFormatVersion) + "); upgrade caftrain");
+    m.run = j.value("run", "");
+    m.attempt = j.value("attempt", int64_t{0});
+    m.report_index = j.value("report_index", int64_t{-1});
+    m.epoch = j.value("epoch", int64_t{0});
+    m.global_step = j.value("global_step", int64_t{0});
+    m.metrics = j.value("metrics", Metrics{});
+    m.world_size = j.value("world_size", int64_t{1});
+    m.strategy = j.value("strategy", "");
+    m.created_at = j.value("created_at", 0.0);
+    for (auto& [name, d] : j.at("files").items())
+      m.files[name] = FileDigest{d.at("size").get<uint64_t>(), d.at("crc32").get<uint32_t>()};
+  } catch (const json::exception& e) {
+    corrupt(origin, std::string("metadata is not valid (") + e.what() + ")");
+  }
+  return m;
+}
+
+// -- Checkpoint ---------------------------------------------------------------------------
+
+Checkpoint Checkpoint::from_directory(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_directory(path, ec))
+    corrupt(path, "no such directory");
+  auto meta = (fs::path(path) / kMetadataFile).string();
+  if (!fs::exists(meta, ec))
+    corrupt(path, std::string("has no ") + kMetadataFile +
+                    "; it is incomplete (a save was interrupted) or not a checkpoint");
+  auto bytes = read_file(meta);
+  Checkpoint result;
+  result.path_ = path;
+  result.metadata_ = metadata_from_json(std::string(bytes.begin(), bytes.end()), path);
+  return result;
+}
+
+std::string Checkpoint::file(const std::string& name) const {
+  return (fs::path(path_) / name).string();
+}
+
+bool Checkpoint::has_file(const std::string& name) const {
+  return metadata_.files.count(name) > 0;
+}
+
+void Checkpoint::validate() const {
+  for (auto& [name, digest] : metadata_.files) {
+    auto p = file(name);
+    std::error_code ec;
+    if (!fs::is_regular_file(p, ec))
+      corrupt(path_, "file '" + name + "' is missing");
+    auto size = fs::file_size(p, ec);
+    if (ec || size != digest.size)
+      corrupt(path_, "file '" + name + "' has " + std::to_string(size) + " bytes, expected " +
+                       std::to_string(digest.size) + " (truncated or overwritten)");
+    if (crc32_of_file(p) != digest.crc32)
+      corrupt(path_, "file '" + name + "' fails its CRC-32 check (the data was altered)");
+  }
+}
+
+StateDict Checkpoint::model_state_dict() const {
+  if (!has_file("model.pt"))
+    corrupt(path_, "holds no model.pt (sharded checkpoints are read with consolidate())");
+  return load_state_dict_file(file("model.pt"));
+}
+
+// -- CheckpointWriter ---------------------------------------------------------------------
+
+CheckpointWriter::CheckpointWriter(std::string final_path) : final_(std::move(final_path)) {
+  auto target = fs::path(final_);
+  auto parent = target.parent_path().empty() ? fs::path(".") : target.parent_path();
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  if (ec)
+    throw Error(Errc::io_error, "cannot create '" + parent.string() + "': " + ec.message());
+  staging_ = (parent / (".staging-" + target.filename().string() + "-" +
+                        std::to_string(::getpid()) + "-" +
+                        std::to_string(std::chrono::steady_clock::now().time_since_epoch().count())))
+               .string();
+  fs::create_directories(staging_, ec);
+  if (ec)
+    throw Error(Errc::io_error, "cannot create '" + staging_ + "': " + ec.message());
+}
+
+CheckpointWriter::~CheckpointWriter() {
+  if (!committed_) {
+    std::error_code ec;
+    fs::remove_all(staging_, ec);
+  }
+}
+
+void CheckpointWriter::fault(const char* step) const {
+  if (fault_)
+    fault_(step);
+}
+
+void CheckpointWriter::add_file(const std::string& name, const std::vector<char>& bytes) {
+  auto p = fs::path(staging_) / name;
+  std::error_code ec;
+  fs::create_directories(p.parent_path(), ec);
+  write_file_atomic(p.string(), bytes);
+  files_[name] = FileDigest{bytes.size(), crc32_of(bytes.data(), bytes.size())};
+}
+
+void CheckpointWriter::add_file(const std::string& name, const std::string& text) {
+  add_file(name, std::vector<char>(text.begin(), text.end()));
+}
+
+void CheckpointWriter::add_existing(const std::string& name) {
+  auto p = (fs::path(staging_) / name).string();
+  fsync_path(p);
+  std::error_code ec;
+  auto size = fs::file_size(p, ec);
+  if (ec)
+    throw Error(Errc::io_error, "checkpoint file '" + p + "' is missing: " + ec.message());
+  files_[name] = FileDigest{size, crc32_of_file(p)};
+}
+
+void CheckpointWriter::add_directory(const std::string& source) {
+  std::error_code ec;
+  for (auto& entry : fs::recursive_directory_iterator(source, ec)) {
+    if (!entry.is_regular_file())
+      continue;
+    auto rel = fs::relative(entry.path(), source).string();
+    if (rel == kMetadataFile)
+      continue;
+    add_file(rel, read_file(entry.path().string()));
+  }
+  if (ec)
+    throw Error(Errc::io_error, "cannot read checkpoint source '" + source + "': " + ec.message());
+}
+
+Checkpoint CheckpointWriter::commit(CheckpointMetadata metadata) {
+  fault("files");
+  metadata.files = files_;
+  metadata.format_version = kCheckpointFormatVersion;
+  metadata.created_at =
+    std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  write_file_atomic((fs::path(staging_) / kMetadataFile).string(), to_json(metadata));
+  // Subdirectories hold sharded files; make their entries durable too.
+  for (auto& entry : fs::recursive_directory_iterator(staging_))
+    if (entry.is_directory())
+      fsync_path(entry.path().string());
+  fsync_path(staging_);
+  fault("metadata");
+  std::error_code ec;
+  if (fs::exists(final_, ec))
+    throw Error(Errc::io_error, "checkpoint '" + final_ +
+                                  "' already exists; persisted checkpoints are never overwritten");
+  if (::rename(staging_.c_str(), final_.c_str()) != 0)
+    throw Error(Errc::io_error, "cannot rename '" + staging_ + "' to '" + final_ + "': " +
+                                  std::strerror(errno));
+  committed_ = true;
+  auto parent = fs::path(final_).parent_path();
+  fsync_path(parent.empty() ? "." : parent.string());
+  fault("rename");
+  return Checkpoint::from_directory(final_);
+}
+
+} // namespace caftrain

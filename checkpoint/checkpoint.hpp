@@ -1,0 +1,151 @@
+// Checkpoint: a directory of state files plus a metadata file with their checksums.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "checkpoint/state_dict.hpp"
+#include "core/config.hpp"
+
+namespace caftrain {
+
+/// Version of the on-disk layout; a reader refuses newer versions by name.
+constexpr int kCheckpointFormatVersion = 1;
+
+/// Name of the metadata file in every checkpoint directory.
+constexpr const char* kMetadataFile = "metadata.json";
+
+/// Size and CRC-32 of one file of a checkpoint.
+struct FileDigest {
+  uint64_t size = 0;
+  uint32_t crc32 = 0;
+};
+
+/// What a checkpoint says about itself (metadata.json).
+struct CheckpointMetadata {
+  int format_version = kCheckpointFormatVersion;
+  /// Run name and the attempt (0-based restarts) that wrote it.
+  std::string run;
+  int64_t attempt = 0;
+  /// Index of the report that persisted it (0-based, counting every report of the run).
+  int64_t report_index = -1;
+  /// Training progress at the time of saving.
+  int64_t epoch = 0;
+  int64_t global_step = 0;
+  /// Metrics reported with it.
+  Metrics metrics;
+  /// World size and strategy of the writing run; sharded checkpoints need them to reshard.
+  int64_t world_size = 1;
+  std::string strategy;
+  /// Seconds since the epoch when it was committed.
+  double created_at = 0;
+  /// Every file of the checkpoint (relative path -> digest), metadata.json excepted.
+  std::map<std::string, FileDigest> files;
+};
+
+/// A persisted checkpoint: a directory holding state files and `metadata.json`. Opening
+/// one reads and checks the metadata; `validate()` also checks every file's size and
+/// CRC-32, so truncation and bit flips are refused rather than loaded.
+class Checkpoint {
+ public:
+  // -- constructors -----------------------------------------------------------------
+
+  Checkpoint() = default;
+
+  /// Opens the checkpoint at `path`. Throws `Error(corrupt_checkpoint)` when the metadata
+  /// is missing or unreadable, or has a newer format version than this build reads.
+  static Checkpoint from_directory(const std::string& path);
+
+  // -- properties -------------------------------------------------------------------
+
+  const std::string& path() const noexcept {
+    return path_;
+  }
+
+  const CheckpointMetadata& metadata() const noexcept {
+    return metadata_;
+  }
+
+  bool valid() const noexcept {
+    return !path_.empty();
+  }
+
+  /// Full path of `name` inside the checkpoint.
+  std::string file(const std::string& name) const;
+
+  bool has_file(const std::string& name) const;
+
+  // -- checks and loading --------------------------------------------------------------
+
+  /// Checks every listed file's size and CRC-32. Throws `Error(corrupt_checkpoint)`
+  /// naming the first file that is missing, truncated or altered.
+  void validate() const;
+
+  /// The model state dict (`model.pt`, which Python's torch.load reads).
+  StateDict model_state_dict() const;
+
+ private:
+  std::string path_;
+  CheckpointMetadata metadata_;
+};
+
+/// Builds a checkpoint in a staging directory beside its destination and commits it
+/// atomically: files are written and fsynced, the metadata (with every file's digest)
+/// last, then the directory is renamed into place and its parent fsynced. A crash at any
+/// moment leaves no directory under the final name, or a complete one.
+class CheckpointWriter {
+ public:
+  /// Fault hook for tests: called with each protocol step's name ("files", "metadata",
+  /// "rename"); throwing from it simulates a crash at that point.
+  using FaultHook = std::function<void(const std::string& step)>;
+
+  /// Stages a checkpoint that will be committed as `final_path`.
+  explicit CheckpointWriter(std::string final_path);
+
+  /// Removes the staging directory unless committed.
+  ~CheckpointWriter();
+
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
+
+  /// The staging directory (write extra files here, then `add_existing`).
+  const std::string& staging_dir() const noexcept {
+    return staging_;
+  }
+
+  /// Writes `bytes` as `name` (a relative path) into the staging directory.
+  void add_file(const std::string& name, const std::vector<char>& bytes);
+  void add_file(const std::string& name, const std::string& text);
+
+  /// Records a file already written into the staging directory.
+  void add_existing(const std::string& name);
+
+  /// Copies every file of the directory `source` (recursively) into the checkpoint.
+  void add_directory(const std::string& source);
+
+  /// Writes metadata.json (with the digests) and renames the directory into place.
+  /// Throws `Error(io_error)` when `final_path` already exists.
+  Checkpoint commit(CheckpointMetadata metadata);
+
+  void set_fault_hook(FaultHook hook) {
+    fault_ = std::move(hook);
+  }
+
+ private:
+  void fault(const char* step) const;
+
+  std::string final_;
+  std::string staging_;
+  std::map<std::string, FileDigest> files_;
+  FaultHook fault_;
+  bool committed_ = false;
+};
+
+/// Metadata as JSON text, and back (throws `Error(corrupt_checkpoint)` on bad input).
+std::string to_json(const CheckpointMetadata& metadata);
+CheckpointMetadata metadata_from_json(const std::string& text, const std::string& origin);
+
+} // namespace caftrain

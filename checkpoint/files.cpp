@@ -1,0 +1,148 @@
+#include "checkpoint/files.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "core/error.hpp"
+
+namespace caftrain {
+
+namespace {
+
+[[noreturn]] void io_fail(const std::string& what, const std::string& path, int err) {
+  throw Error(Errc::io_error, what + " '" + path + "' failed: " + std::strerror(err));
+}
+
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {
+    // nop
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() {
+    if (fd_ >= 0)
+      ::close(fd_);
+  }
+  int get() const {
+    return fd_;
+  }
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+
+ private:
+  int fd_;
+};
+
+void write_all(int fd, const char* data, size_t size, const std::string& path) {
+  while (size > 0) {
+    auto n = ::write(fd, data, size);
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      io_fail("writing", path, errno);
+    }
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+}
+
+void write_atomic(const std::string& path, const char* data, size_t size) {
+  auto tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (fd.get() < 0)
+      io_fail("creating", tmp, errno);
+    write_all(fd.get(), data, size, tmp);
+    if (::fsync(fd.get()) != 0)
+      io_fail("fsync of", tmp, errno);
+    if (::close(fd.release()) != 0)
+      io_fail("closing", tmp, errno);
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    io_fail("renaming into", path, err);
+  }
+  auto dir = std::filesystem::path(path).parent_path();
+  fsync_path(dir.empty() ? "." : dir.string());
+}
+
+} // namespace
+
+std::vector<char> read_file(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0)
+    io_fail("opening", path, errno);
+  std::vector<char> result;
+  char buf[1 << 16];
+  for (;;) {
+    auto n = ::read(fd.get(), buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      io_fail("reading", path, errno);
+    }
+    if (n == 0)
+      break;
+    result.insert(result.end(), buf, buf + n);
+  }
+  return result;
+}
+
+void write_file_atomic(const std::string& path, const std::vector<char>& bytes) {
+  write_atomic(path, bytes.data(), bytes.size());
+}
+
+void write_file_atomic(const std::string& path, const std::string& text) {
+  write_atomic(path, text.data(), text.size());
+}
+
+void fsync_path(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0)
+    io_fail("opening", path, errno);
+  if (::fsync(fd.get()) != 0 && errno != EINVAL)
+    io_fail("fsync of", path, errno);
+}
+
+uint32_t crc32_of(const void* data, size_t size, uint32_t seed) {
+  auto crc = static_cast<uLong>(seed);
+  auto* p = static_cast<const Bytef*>(data);
+  while (size > 0) {
+    auto chunk = static_cast<uInt>(std::min<size_t>(size, 1u << 30));
+    crc = ::crc32(crc, p, chunk);
+    p += chunk;
+    size -= chunk;
+  }
+  return static_cast<uint32_t>(crc);
+}
+
+uint32_t crc32_of_file(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0)
+    io_fail("opening", path, errno);
+  uint32_t crc = 0;
+  char buf[1 << 16];
+  for (;;) {
+    auto n = ::read(fd.get(), buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR)
+        continue;
+      io_fail("reading", path, errno);
+    }
+    if (n == 0)
+      return crc;
+    crc = crc32_of(buf, static_cast<size_t>(n), crc);
+  }
+}
+
+} // namespace caftrain

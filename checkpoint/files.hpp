@@ -1,0 +1,27 @@
+// Durable file operations: atomic writes, fsync, checksums.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace caftrain {
+
+/// Reads the whole file; throws `Error(io_error)` naming the path and the OS's reason.
+std::vector<char> read_file(const std::string& path);
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
+/// write to `path.tmp.<pid>`, fsync it, rename over `path`, fsync the directory.
+void write_file_atomic(const std::string& path, const std::vector<char>& bytes);
+void write_file_atomic(const std::string& path, const std::string& text);
+
+/// Flushes a file's or a directory's contents and metadata to disk.
+void fsync_path(const std::string& path);
+
+/// CRC-32 (zlib's) of `size` bytes.
+uint32_t crc32_of(const void* data, size_t size, uint32_t seed = 0);
+
+/// CRC-32 of a whole file, read in chunks.
+uint32_t crc32_of_file(const std::string& path);
+
+} // namespace caftrain

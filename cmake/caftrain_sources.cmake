@@ -1,0 +1,37 @@
+# Sources of the caftrain library, listed explicitly, layer by layer (see docs/design.md).
+set(CAFTRAIN_SOURCES
+  # core: errors and plain value types
+  core/config.cpp
+  core/error.cpp
+  # data: IDX readers, datasets, samplers, loaders
+  data/dataset.cpp
+  data/fashion_mnist.cpp
+  data/idx.cpp
+  data/loader.cpp
+  data/sampler.cpp
+  # models: reference models of the seed
+  models/resnet.cpp
+  # checkpoint: state dicts, durable files, checkpoint directories
+  checkpoint/checkpoint.cpp
+  checkpoint/files.cpp
+  checkpoint/state_dict.cpp
+  # environment: where a worker stands, communicators
+  environment/cluster_environment.cpp
+  environment/communicator.cpp
+  # strategies
+  strategies/registry.cpp
+  strategies/strategy.cpp
+  # callbacks and loggers
+  callbacks/callback.cpp
+  callbacks/csv_logger.cpp
+  callbacks/early_stopping.cpp
+  callbacks/lr_monitor.cpp
+  callbacks/progress_bar.cpp
+  # train: the Lightning-style loop
+  train/lightning_module.cpp
+  train/lr_scheduler.cpp
+  train/metrics_collector.cpp
+  train/precision.cpp
+  train/trainer.cpp
+  train/trainer_state.cpp
+)

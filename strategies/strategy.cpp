@@ -1,0 +1,165 @@
+#include "strategies/strategy.hpp"
+
+#include <cstring>
+
+#include <torch/torch.h>
+
+#include "core/error.hpp"
+#include "environment/cluster_environment.hpp"
+
+namespace caftrain {
+
+Strategy::~Strategy() = default;
+
+void Strategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnvironment> environment,
+                     c10::Device device) {
+  if (!environment)
+    environment = std::make_shared<LightningEnvironment>();
+  module_ = &module;
+  environment_ = std::move(environment);
+  communicator_ = environment_->communicator();
+  device_ = device;
+  if (is_distributed() && environment_->world_size() > 1 && !communicator_)
+    throw Error(Errc::invalid_config,
+                "strategy '" + name() + "' runs on " + std::to_string(environment_->world_size()) +
+                  " ranks but environment '" + environment_->name() +
+                  "' has no communicator; use ActorEnvironment inside a TorchTrainer worker "
+                  "or a StaticEnvironment with a communicator");
+  module.to(device);
+}
+
+void Strategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) {
+  optimizers_ = optimizers;
+}
+
+void Strategy::teardown() {
+  optimizers_.clear();
+}
+
+void Strategy::require_setup(const char* what) const {
+  if (!module_)
+    throw Error(Errc::bad_state,
+                std::string("Strategy::") + what + " called before setup(); the Trainer sets "
+                                                   "its strategy up in fit/validate/test");
+}
+
+torch::nn::Module& Strategy::module() const {
+  require_setup("module");
+  return *module_;
+}
+
+void Strategy::backward(const at::Tensor& loss) {
+  loss.backward();
+}
+
+double Strategy::clip_grad_norm(double max_norm, double norm_type) {
+  require_setup("clip_grad_norm");
+  return torch::nn::utils::clip_grad_norm_(module_->parameters(), max_norm, norm_type);
+}
+
+void Strategy::clip_grad_value(double clip_value) {
+  require_setup("clip_grad_value");
+  torch::nn::utils::clip_grad_value_(module_->parameters(), clip_value);
+}
+
+void Strategy::optimizer_step(torch::optim::Optimizer& optimizer) {
+  optimizer.step();
+}
+
+void Strategy::zero_grad(torch::optim::Optimizer& optimizer) {
+  optimizer.zero_grad();
+}
+
+int64_t Strategy::world_size() const {
+  return environment_ ? environment_->world_size() : 1;
+}
+
+int64_t Strategy::global_rank() const {
+  return environment_ ? environment_->global_rank() : 0;
+}
+
+double Strategy::reduce(double value, ReduceOp op) {
+  if (!communicator_ || communicator_->size() == 1)
+    return value;
+  auto t = torch::tensor({value}, torch::kDouble);
+  communicator_->allreduce(t, op)->wait();
+  return t.item<double>();
+}
+
+void Strategy::barrier() {
+  if (communicator_ && communicator_->size() > 1)
+    communicator_->barrier()->wait();
+}
+
+std::string Strategy::broadcast(const std::string& value) {
+  if (!communicator_ || communicator_->size() == 1)
+    return value;
+  auto size = torch::tensor({static_cast<int64_t>(value.size())}, torch::kLong);
+  communicator_->broadcast(size, 0)->wait();
+  auto bytes = torch::empty({size.item<int64_t>()}, torch::kUInt8);
+  if (communicator_->rank() == 0)
+    std::memcpy(bytes.data_ptr(), value.data(), value.size());
+  if (bytes.numel() > 0)
+    communicator_->broadcast(bytes, 0)->wait();
+  return std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+}
+
+StateDict Strategy::model_state_dict() {
+  require_setup("model_state_dict");
+  return state_dict(*module_);
+}
+
+void Strategy::load_model_state_dict(const StateDict& state, bool strict) {
+  require_setup("load_model_state_dict");
+  load_state_dict(*module_, state, {strict});
+}
+
+MemoryStats Strategy::memory_stats() const {
+  MemoryStats stats;
+  if (!module_)
+    return stats;
+  for (auto& p : module_->parameters()) {
+    stats.parameter_bytes += static_cast<int64_t>(p.nbytes());
+    if (p.grad().defined())
+      stats.gradient_bytes += static_cast<int64_t>(p.grad().nbytes());
+  }
+  for (auto& opt : optimizers_)
+    stats.optimizer_state_bytes += optimizer_state_bytes(*opt);
+  return stats;
+}
+
+int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer) {
+  namespace optim = torch::optim;
+  int64_t total = 0;
+  auto add = [&](const at::Tensor& t) {
+    if (t.defined())
+      total += static_cast<int64_t>(t.nbytes());
+  };
+  for (auto& item : optimizer.state()) {
+    auto* state = item.second.get();
+    if (auto* s = dynamic_cast<const optim::AdamParamState*>(state)) {
+      add(s->exp_avg());
+      add(s->exp_avg_sq());
+      add(s->max_exp_avg_sq());
+    } else if (auto* s = dynamic_cast<const optim::AdamWParamState*>(state)) {
+      add(s->exp_avg());
+      add(s->exp_avg_sq());
+      add(s->max_exp_avg_sq());
+    } else if (auto* s = dynamic_cast<const optim::SGDParamState*>(state)) {
+      add(s->momentum_buffer());
+    } else if (auto* s = dynamic_cast<const optim::RMSpropParamState*>(state)) {
+      add(s->square_avg());
+      add(s->momentum_buffer());
+      add(s->grad_avg());
+    } else if (auto* s = dynamic_cast<const optim::AdagradParamState*>(state)) {
+      add(s->sum());
+    }
+  }
+  return total;
+}
+
+std::string SingleDeviceStrategy::name() const {
+  return "single_device";
+}
+
+} // namespace caftrain

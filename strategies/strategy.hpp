@@ -1,0 +1,197 @@
+// Strategy: how a model is spread over the ranks of a run.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include "checkpoint/state_dict.hpp"
+#include "environment/communicator.hpp"
+
+namespace torch::nn {
+class Module;
+}
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace caftrain {
+
+class ClusterEnvironment;
+
+/// Bytes a strategy holds on this rank, so that sharding's savings are measured, not
+/// assumed. `peak_*` are high-water marks since setup (or the last reset).
+struct MemoryStats {
+  int64_t parameter_bytes = 0;
+  int64_t gradient_bytes = 0;
+  int64_t optimizer_state_bytes = 0;
+  /// Extra bytes held transiently while a sharded unit is gathered for compute.
+  int64_t peak_gathered_bytes = 0;
+
+  int64_t total() const noexcept {
+    return parameter_bytes + gradient_bytes + optimizer_state_bytes;
+  }
+};
+
+/// Lightning's `Strategy`: sets the model up on its device and communicator, runs
+/// backward and the optimizer step, and decides what gradient synchronisation, sharding
+/// and checkpoint layout mean. The base class is the single-device behaviour; the
+/// distributed strategies override what they change.
+///
+/// A strategy object belongs to one Trainer at a time.
+class Strategy {
+ public:
+  virtual ~Strategy();
+
+  // -- identity ---------------------------------------------------------------------
+
+  /// Registry name: "single_device", "ddp", "zero", "fsdp".
+  virtual std::string name() const = 0;
+
+  /// True when the strategy synchronises several ranks (and needs a communicator when
+  /// the world has more than one rank).
+  virtual bool is_distributed() const {
+    return false;
+  }
+
+  // -- lifecycle (called by the Trainer) ----------------------------------------------
+
+  /// Binds the strategy to its environment and `module`, moves the module to `device` and
+  /// makes every rank start from the same state.
+  virtual void setup(torch::nn::Module& module, std::shared_ptr<ClusterEnvironment> environment,
+                     c10::Device device);
+
+  /// Adapts the optimizers returned by configure_optimizers (sharding strategies point
+  /// them at this rank's shards). Called once after `setup`.
+  virtual void setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers);
+
+  /// Releases hooks and buffers; the module keeps its (full) parameters.
+  virtual void teardown();
+
+  // -- one optimisation step ----------------------------------------------------------
+
+  /// Runs backward of `loss` (distributed strategies start gradient reduction from here).
+  virtual void backward(const at::Tensor& loss);
+
+  /// Whether the next backward passes synchronise gradients. The Trainer turns it off for
+  /// all but the last micro-batch of an accumulation window (DDP's `no_sync`).
+  virtual void set_gradient_sync(bool enabled) {
+    sync_enabled_ = enabled;
+  }
+
+  bool gradient_sync() const noexcept {
+    return sync_enabled_;
+  }
+
+  /// Completes gradient synchronisation; after it the gradients the optimizer sees are
+  /// the global average.
+  virtual void finish_gradient_sync() {}
+
+  /// Clips the global gradient norm to `max_norm`; returns the norm before clipping.
+  virtual double clip_grad_norm(double max_norm, double norm_type = 2.0);
+
+  /// Clamps every gradient element to [-clip_value, clip_value].
+  virtual void clip_grad_value(double clip_value);
+
+  /// Steps `optimizer` (sharding strategies step their shard and gather the result).
+  virtual void optimizer_step(torch::optim::Optimizer& optimizer);
+
+  /// Resets gradients before the next accumulation window.
+  virtual void zero_grad(torch::optim::Optimizer& optimizer);
+
+  // -- collectives for the loop -----------------------------------------------------
+
+  int64_t world_size() const;
+  int64_t global_rank() const;
+  bool is_global_zero() const {
+    return global_rank() == 0;
+  }
+
+  /// Reduces a scalar over all ranks (identity on one rank).
+  virtual double reduce(double value, ReduceOp op = ReduceOp::avg);
+
+  /// Blocks until every rank arrives.
+  virtual void barrier();
+
+  /// Rank 0's `value` on every rank.
+  virtual std::string broadcast(const std::string& value);
+
+  // -- checkpoints ------------------------------------------------------------------
+
+  /// The full model state (every rank returns it; sharded strategies gather it).
+  virtual StateDict model_state_dict();
+
+  /// Loads a full model state on every rank.
+  virtual void load_model_state_dict(const StateDict& state, bool strict = true);
+
+  /// True when each rank saves and loads its own shard of model and optimizer state.
+  virtual bool sharded_checkpoints() const {
+    return false;
+  }
+
+  // -- memory -----------------------------------------------------------------------
+
+  /// The bytes held on this rank right now (and peaks).
+  virtual MemoryStats memory_stats() const;
+
+  // -- access -----------------------------------------------------------------------
+
+  torch::nn::Module& module() const;
+
+  const std::shared_ptr<ClusterEnvironment>& environment() const noexcept {
+    return environment_;
+  }
+
+  /// The environment's communicator, or null on one rank.
+  const std::shared_ptr<Communicator>& communicator() const noexcept {
+    return communicator_;
+  }
+
+  c10::Device device() const noexcept {
+    return device_;
+  }
+
+  const std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers() const noexcept {
+    return optimizers_;
+  }
+
+ protected:
+  /// Throws `Error(invalid_config)` unless the strategy was set up.
+  void require_setup(const char* what) const;
+
+  torch::nn::Module* module_ = nullptr;
+  std::shared_ptr<ClusterEnvironment> environment_;
+  std::shared_ptr<Communicator> communicator_;
+  c10::Device device_{c10::kCPU};
+  std::vector<std::shared_ptr<torch::optim::Optimizer>> optimizers_;
+  bool sync_enabled_ = true;
+};
+
+/// Training on one device, no communication (Lightning's SingleDeviceStrategy).
+class SingleDeviceStrategy : public Strategy {
+ public:
+  std::string name() const override;
+};
+
+/// Bytes of the optimizer's state tensors (Adam's moments, SGD's momentum buffers).
+int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer);
+
+/// A factory of strategies by name, for `strategy = "ddp"` and friends.
+using StrategyFactory = std::function<std::shared_ptr<Strategy>()>;
+
+/// Registers `factory` under `name`; the built-in strategies register themselves.
+void register_strategy(const std::string& name, StrategyFactory factory);
+
+/// A new strategy by registry name; throws `Error(invalid_config)` listing the known
+/// names for an unknown one.
+std::shared_ptr<Strategy> make_strategy(const std::string& name);
+
+/// Names of the registered strategies, sorted.
+std::vector<std::string> strategy_names();
+
+} // namespace caftrain

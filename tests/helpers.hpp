@@ -1,0 +1,87 @@
+// Shared fixtures of the tests: temporary directories, small models and data sets.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "caftrain.hpp"
+
+namespace caftrain::test {
+
+/// A fresh directory under /tmp, removed with everything in it when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  const std::string& path() const noexcept {
+    return path_;
+  }
+
+  std::string operator/(const std::string& name) const {
+    return (std::filesystem::path(path_) / name).string();
+  }
+
+ private:
+  std::string path_;
+};
+
+/// Regression data y = x·w + b + noise: `n` examples of `features` inputs, seeded.
+std::shared_ptr<data::TensorDataset> regression_data(int64_t n, int64_t features = 4,
+                                                     uint64_t seed = 0);
+
+/// A linear model with MSE loss and SGD, which logs "train_loss" (on_step and on_epoch)
+/// and, in validation, "val_loss".
+class LinearModule : public LightningModule {
+ public:
+  explicit LinearModule(int64_t features = 4, double lr = 0.05, bool with_validation = true);
+
+  at::Tensor training_step(const Batch& batch, int64_t batch_idx) override;
+  void validation_step(const Batch& batch, int64_t batch_idx) override;
+  Optimizers configure_optimizers() override;
+
+  torch::nn::Linear linear{nullptr};
+  double lr;
+  bool with_validation;
+  int64_t validation_batches = 0;
+};
+
+/// Counts every hook a Trainer calls.
+class CountingCallback : public Callback {
+ public:
+  void on_fit_start(Trainer&, LightningModule&) override { ++fit_start; }
+  void on_fit_end(Trainer&, LightningModule&) override { ++fit_end; }
+  void on_train_epoch_start(Trainer&, LightningModule&) override { ++epoch_start; }
+  void on_train_epoch_end(Trainer&, LightningModule&) override { ++epoch_end; }
+  void on_train_batch_end(Trainer&, LightningModule&, const at::Tensor&, const Batch&,
+                          int64_t) override {
+    ++batch_end;
+  }
+  void on_validation_end(Trainer& t, LightningModule&) override {
+    if (t.sanity_checking())
+      ++sanity_runs;
+    else
+      ++validation_runs;
+  }
+  void on_exception(Trainer&, LightningModule&, const std::exception&) override { ++exceptions; }
+
+  int fit_start = 0, fit_end = 0, epoch_start = 0, epoch_end = 0, batch_end = 0;
+  int validation_runs = 0, sanity_runs = 0, exceptions = 0;
+};
+
+/// Largest absolute difference between two modules' parameters (same architecture).
+double max_param_diff(const torch::nn::Module& a, const torch::nn::Module& b);
+
+/// Path of Debian's Python with torch, or "" when it is not installed.
+std::string python_with_torch();
+
+/// Runs `script` with Python; returns its exit code and fills `output` with stdout.
+int run_python(const std::string& script, std::string& output);
+
+} // namespace caftrain::test

@@ -1,0 +1,183 @@
+#include "train/trainer_state.hpp"
+
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "checkpoint/checkpoint.hpp"
+#include "checkpoint/files.hpp"
+#include "core/error.hpp"
+#include "train/trainer_impl.hpp"
+
+namespace caftrain {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::vector<char> archive_bytes(torch::serialize::OutputArchive& archive) {
+  std::vector<char> bytes;
+  archive.save_to([&](const void* data, size_t size) {
+    auto* p = static_cast<const char*>(data);
+    bytes.insert(bytes.end(), p, p + size);
+    return size;
+  });
+  return bytes;
+}
+
+std::vector<char> optimizer_bytes(const Trainer::Impl& s) {
+  torch::serialize::OutputArchive archive;
+  archive.write("count", torch::tensor(static_cast<int64_t>(s.optimizers.size())), true);
+  for (size_t i = 0; i < s.optimizers.size(); ++i) {
+    torch::serialize::OutputArchive nested;
+    s.optimizers[i]->save(nested);
+    archive.write("optimizer_" + std::to_string(i), nested);
+  }
+  return archive_bytes(archive);
+}
+
+void load_optimizers(Trainer::Impl& s, const std::vector<char>& bytes, const std::string& origin) {
+  try {
+    torch::serialize::InputArchive archive;
+    archive.load_from(bytes.data(), bytes.size());
+    auto count = torch::empty({}, torch::kLong);
+    archive.read("count", count, true);
+    if (count.item<int64_t>() != static_cast<int64_t>(s.optimizers.size()))
+      throw Error(Errc::state_mismatch,
+                  "checkpoint '" + origin + "' has " + std::to_string(count.item<int64_t>()) +
+                    " optimizers but configure_optimizers returned " +
+                    std::to_string(s.optimizers.size()));
+    for (size_t i = 0; i < s.optimizers.size(); ++i) {
+      torch::serialize::InputArchive nested;
+      archive.read("optimizer_" + std::to_string(i), nested);
+      s.optimizers[i]->load(nested);
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    throw Error(Errc::state_mismatch, "optimizer state in '" + origin +
+                                        "' does not fit the optimizers: " +
+                                        what.substr(0, what.find('\n')));
+  }
+}
+
+json trainer_state(Trainer& trainer) {
+  auto& s = trainer.impl();
+  // Resume point: after the epoch once its last batch is done, else after the last
+  // batch whose step completed.
+  int64_t resume_epoch = s.epoch_finished ? s.epoch + 1 : s.epoch;
+  int64_t resume_batch = s.epoch_finished ? 0 : s.batches_done;
+  json schedulers = json::array();
+  for (auto& sc : s.schedulers)
+    schedulers.push_back(sc.scheduler->last_epoch());
+  json callbacks = json::object();
+  for (auto& cb : s.callbacks) {
+    auto state = cb->state_dict();
+    if (!state.is_null())
+      callbacks[cb->state_key()] = state;
+  }
+  json hparams = json::object();
+  for (auto& [k, v] : s.module->hparams().values())
+    std::visit([&](const auto& x) { hparams[k] = x; }, v);
+  json state = {{"epoch", resume_epoch},
+                {"batch", resume_batch},
+                {"global_step", s.global_step},
+                {"current_epoch", s.epoch},
+                {"schedulers", schedulers},
+                {"callbacks", callbacks},
+                {"hparams", hparams},
+                {"loss_scale", s.precision ? s.precision->loss_scale() : 1.0},
+                {"world_size", s.environment->world_size()},
+                {"strategy", s.strategy->name()},
+                {"callback_metrics", s.callback_metrics}};
+  for (auto& cb : s.callbacks)
+    cb->on_save_checkpoint(trainer, *s.module, state);
+  return state;
+}
+
+} // namespace
+
+std::map<std::string, std::vector<char>> checkpoint_files(Trainer& trainer) {
+  auto& s = trainer.impl();
+  if (!s.module || !s.strategy)
+    throw Error(Errc::bad_state, "save_checkpoint needs a running fit (call it from a callback or "
+                                 "after fit has set the trainer up)");
+  std::map<std::string, std::vector<char>> files;
+  auto model = s.strategy->model_state_dict(); // collective for sharded strategies
+  if (s.environment->global_rank() != 0)
+    return files;
+  files["model.pt"] = serialize_state_dict(model);
+  files["optimizer.pt"] = optimizer_bytes(s);
+  auto state = trainer_state(trainer).dump(2);
+  files["trainer_state.json"] = std::vector<char>(state.begin(), state.end());
+  auto rng = at::detail::getDefaultCPUGenerator().get_state();
+  StateDict rng_dict;
+  rng_dict.insert("cpu", rng);
+  files["rng.pt"] = serialize_state_dict(rng_dict);
+  return files;
+}
+
+void write_checkpoint(Trainer& trainer, const std::string& path) {
+  auto files = checkpoint_files(trainer);
+  auto& s = trainer.impl();
+  if (s.environment->global_rank() == 0) {
+    CheckpointWriter writer(path);
+    for (auto& [name, bytes] : files)
+      writer.add_file(name, bytes);
+    CheckpointMetadata meta;
+    meta.epoch = s.epoch;
+    meta.global_step = s.global_step;
+    meta.metrics = s.callback_metrics;
+    meta.world_size = s.environment->world_size();
+    meta.strategy = s.strategy->name();
+    writer.commit(meta);
+  }
+  s.strategy->barrier();
+}
+
+void restore_checkpoint(Trainer& trainer, const std::string& path) {
+  auto& s = trainer.impl();
+  auto ckpt = Checkpoint::from_directory(path);
+  ckpt.validate();
+  s.strategy->load_model_state_dict(ckpt.model_state_dict());
+  if (ckpt.has_file("optimizer.pt"))
+    load_optimizers(s, read_file(ckpt.file("optimizer.pt")), path);
+  if (!ckpt.has_file("trainer_state.json"))
+    throw Error(Errc::corrupt_checkpoint,
+                "checkpoint '" + path + "' has no trainer_state.json; it holds weights only "
+                                        "(load them with load_state_dict instead of resuming)");
+  auto bytes = read_file(ckpt.file("trainer_state.json"));
+  json state;
+  try {
+    state = json::parse(bytes.begin(), bytes.end());
+    s.epoch = state.at("epoch").get<int64_t>();
+    s.resume_batch = state.at("batch").get<int64_t>();
+    s.global_step = state.at("global_step").get<int64_t>();
+    auto& schedulers = state.at("schedulers");
+    for (size_t i = 0; i < s.schedulers.size() && i < schedulers.size(); ++i)
+      s.schedulers[i].scheduler->set_last_epoch(schedulers[i].get<int64_t>());
+    auto& callbacks = state.at("callbacks");
+    for (auto& cb : s.callbacks)
+      if (callbacks.contains(cb->state_key()))
+        cb->load_state_dict(callbacks.at(cb->state_key()));
+    s.callback_metrics = state.value("callback_metrics", Metrics{});
+  } catch (const json::exception& e) {
+    throw Error(Errc::corrupt_checkpoint,
+                "trainer_state.json of '" + path + "' is not valid: " + e.what());
+  }
+  for (auto& cb : s.callbacks)
+    cb->on_load_checkpoint(trainer, *s.module, state);
+  if (ckpt.has_file("rng.pt")) {
+    auto rng = load_state_dict_file(ckpt.file("rng.pt"));
+    if (auto* cpu = rng.find("cpu"))
+    {
+      auto generator = at::detail::getDefaultCPUGenerator();
+      generator.set_state(cpu->contiguous());
+    }
+  }
+}
+
+} // namespace caftrain
