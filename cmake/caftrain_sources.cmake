@@ -18,6 +18,7 @@ set(CAFTRAIN_SOURCES
   # environment: where a worker stands, communicators
   environment/cluster_environment.cpp
   environment/communicator.cpp
+  environment/store.cpp
   # strategies
   strategies/registry.cpp
   strategies/strategy.cpp
