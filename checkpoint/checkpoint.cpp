@@ -74,6 +74,19 @@ CheckpointMetadata metadata_from_json(const std::string& text, const std::string
 Checkpoint Checkpoint::from_directory(const std::string& path) {
   std::error_code ec;
   if (!fs::is_directory(path, ec))
+    throw Error(Errc::invalid_argument, "Checkpoint::from_directory: '" + path +
+                                          "' is not a directory; write the checkpoint files "
+                                          "into a directory first");
+  if (fs::exists(fs::path(path) / kMetadataFile, ec))
+    return open(path);
+  Checkpoint result;
+  result.path_ = path;
+  return result;
+}
+
+Checkpoint Checkpoint::open(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_directory(path, ec))
     corrupt(path, "no such directory");
   auto meta = (fs::path(path) / kMetadataFile).string();
   if (!fs::exists(meta, ec))
@@ -83,6 +96,7 @@ Checkpoint Checkpoint::from_directory(const std::string& path) {
   Checkpoint result;
   result.path_ = path;
   result.metadata_ = metadata_from_json(std::string(bytes.begin(), bytes.end()), path);
+  result.committed_ = true;
   return result;
 }
 
@@ -91,6 +105,10 @@ std::string Checkpoint::file(const std::string& name) const {
 }
 
 bool Checkpoint::has_file(const std::string& name) const {
+  if (!committed_) {
+    std::error_code ec;
+    return fs::is_regular_file(fs::path(path_) / name, ec);
+  }
   return metadata_.files.count(name) > 0;
 }
 
@@ -181,6 +199,29 @@ void CheckpointWriter::add_directory(const std::string& source) {
     throw Error(Errc::io_error, "cannot read checkpoint source '" + source + "': " + ec.message());
 }
 
+void CheckpointWriter::move_directory(const std::string& source) {
+  std::error_code ec;
+  if (!fs::is_directory(source, ec))
+    throw Error(Errc::io_error, "checkpoint source '" + source + "' is not a directory");
+  std::vector<fs::path> files;
+  for (auto& entry : fs::recursive_directory_iterator(source, ec))
+    if (entry.is_regular_file())
+      files.push_back(entry.path());
+  for (auto& file : files) {
+    auto rel = fs::relative(file, source).string();
+    if (rel == kMetadataFile)
+      continue;
+    auto target = fs::path(staging_) / rel;
+    fs::create_directories(target.parent_path(), ec);
+    if (::rename(file.c_str(), target.c_str()) != 0) {
+      add_file(rel, read_file(file.string())); // another file system: copy
+      continue;
+    }
+    add_existing(rel);
+  }
+  fs::remove_all(source, ec);
+}
+
 Checkpoint CheckpointWriter::commit(CheckpointMetadata metadata) {
   fault("files");
   metadata.files = files_;
@@ -205,7 +246,7 @@ Checkpoint CheckpointWriter::commit(CheckpointMetadata metadata) {
   auto parent = fs::path(final_).parent_path();
   fsync_path(parent.empty() ? "." : parent.string());
   fault("rename");
-  return Checkpoint::from_directory(final_);
+  return Checkpoint::open(final_);
 }
 
 } // namespace caftrain

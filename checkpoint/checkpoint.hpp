@@ -55,8 +55,14 @@ class Checkpoint {
 
   Checkpoint() = default;
 
-  /// Opens the checkpoint at `path`. Throws `Error(corrupt_checkpoint)` when the metadata
-  /// is missing or unreadable, or has a newer format version than this build reads.
+  /// Opens the committed checkpoint at `path`. Throws `Error(corrupt_checkpoint)` when
+  /// the metadata is missing (an interrupted save) or unreadable, or has a newer format
+  /// version than this build reads.
+  static Checkpoint open(const std::string& path);
+
+  /// A checkpoint for `train::report` (Ray's `Checkpoint.from_directory`): any existing
+  /// directory of files. When it holds metadata.json it is opened as with `open`;
+  /// otherwise it is uncommitted and the trainer commits it when the report persists.
   static Checkpoint from_directory(const std::string& path);
 
   // -- properties -------------------------------------------------------------------
@@ -73,6 +79,11 @@ class Checkpoint {
     return !path_.empty();
   }
 
+  /// True when the directory carries metadata.json (it was committed).
+  bool committed() const noexcept {
+    return committed_;
+  }
+
   /// Full path of `name` inside the checkpoint.
   std::string file(const std::string& name) const;
 
@@ -87,9 +98,14 @@ class Checkpoint {
   /// The model state dict (`model.pt`, which Python's torch.load reads).
   StateDict model_state_dict() const;
 
+  /// Serialisation for actor messages (defined in actors/messages.hpp).
+  template <class Inspector>
+  friend typename Inspector::result_type inspect(Inspector& f, Checkpoint& x);
+
  private:
   std::string path_;
   CheckpointMetadata metadata_;
+  bool committed_ = false;
 };
 
 /// Builds a checkpoint in a staging directory beside its destination and commits it
@@ -125,6 +141,10 @@ class CheckpointWriter {
 
   /// Copies every file of the directory `source` (recursively) into the checkpoint.
   void add_directory(const std::string& source);
+
+  /// Moves every file of `source` into the checkpoint (a rename on the same file system,
+  /// else a copy) and removes `source`.
+  void move_directory(const std::string& source);
 
   /// Writes metadata.json (with the digests) and renames the directory into place.
   /// Throws `Error(io_error)` when `final_path` already exists.

@@ -13,13 +13,19 @@ set(CAFTRAIN_SOURCES
   models/resnet.cpp
   # checkpoint: state dicts, durable files, checkpoint directories
   checkpoint/checkpoint.cpp
+  checkpoint/checkpoint_manager.cpp
   checkpoint/files.cpp
   checkpoint/state_dict.cpp
   # environment: where a worker stands, communicators
+  environment/actor_environment.cpp
+  environment/actor_store.cpp
   environment/cluster_environment.cpp
   environment/communicator.cpp
+  environment/gloo_communicator.cpp
   environment/store.cpp
+  environment/worker_context.cpp
   # strategies
+  strategies/ddp_strategy.cpp
   strategies/registry.cpp
   strategies/strategy.cpp
   # callbacks and loggers
@@ -28,11 +34,19 @@ set(CAFTRAIN_SOURCES
   callbacks/early_stopping.cpp
   callbacks/lr_monitor.cpp
   callbacks/progress_bar.cpp
+  callbacks/report_callback.cpp
   # train: the Lightning-style loop
   train/lightning_module.cpp
   train/lr_scheduler.cpp
   train/metrics_collector.cpp
   train/precision.cpp
+  train/prepare_trainer.cpp
+  train/session.cpp
   train/trainer.cpp
   train/trainer_state.cpp
+  # actors: the trainer, its workers, messages, and the TorchTrainer façade
+  actors/messages.cpp
+  actors/torch_trainer.cpp
+  actors/trainer_actor.cpp
+  actors/worker.cpp
 )

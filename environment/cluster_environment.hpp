@@ -28,6 +28,16 @@ class ClusterEnvironment {
   /// The group's communicator; null when world_size() == 1.
   virtual std::shared_ptr<Communicator> communicator() const = 0;
 
+  /// The device this process must train on ("cpu", "cuda:1"), or "" to let the Trainer
+  /// choose from its accelerator option.
+  virtual std::string device() const {
+    return "";
+  }
+
+  /// Throws `Error(cancelled)` when the run this process belongs to was stopped; the
+  /// Trainer calls it before every batch so that a stopped worker ends promptly.
+  virtual void check_stop() const {}
+
   /// True for environments created by a caftrain worker (the `TorchTrainer` path).
   virtual bool managed_by_actors() const {
     return false;

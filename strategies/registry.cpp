@@ -2,6 +2,7 @@
 #include <mutex>
 
 #include "core/error.hpp"
+#include "strategies/ddp_strategy.hpp"
 #include "strategies/strategy.hpp"
 
 namespace caftrain {
@@ -14,6 +15,7 @@ struct Registry {
 
   Registry() {
     factories["single_device"] = [] { return std::make_shared<SingleDeviceStrategy>(); };
+    factories["ddp"] = [] { return std::make_shared<DDPStrategy>(); };
   }
 };
 

@@ -75,6 +75,9 @@ class Strategy {
 
   // -- one optimisation step ----------------------------------------------------------
 
+  /// Called before each training step's forward (DDP broadcasts buffers here).
+  virtual void before_training_step() {}
+
   /// Runs backward of `loss` (distributed strategies start gradient reduction from here).
   virtual void backward(const at::Tensor& loss);
 

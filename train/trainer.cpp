@@ -94,6 +94,17 @@ using Impl = Trainer::Impl;
 c10::Device resolve_device(const Impl& s) {
   auto& acc = s.options.accelerator;
   bool cuda = torch::cuda::is_available();
+  auto given = s.environment->device();
+  if (!given.empty()) {
+    c10::Device device(given);
+    if ((acc == "gpu" || acc == "cuda") && !device.is_cuda())
+      throw Error(Errc::invalid_config,
+                  "accelerator = \"" + acc + "\" but this worker was given " + given +
+                    "; set ScalingConfig.use_gpu = true or use accelerator = \"auto\"");
+    if (acc == "cpu")
+      return c10::Device(c10::kCPU);
+    return device;
+  }
   if (acc == "cpu")
     return c10::Device(c10::kCPU);
   if (acc == "gpu" || acc == "cuda") {
@@ -310,11 +321,13 @@ void run_train_epoch(Impl& s) {
   s.epoch_finished = false;
   for (int64_t i = first; i < n; ++i) {
     s.batch_idx = i;
+    s.environment->check_stop();
     auto batch = to_device(loader.batch(static_cast<size_t>(i)), s.device);
     each(cbs, [&](Callback& cb) { cb.on_train_batch_start(t, module, batch, i); });
     bool last_micro = (i + 1) % k == 0 || i + 1 == n;
     s.collector.begin_batch(LogScope::train, batch_size_of(batch));
     strategy.set_gradient_sync(last_micro);
+    strategy.before_training_step();
     at::Tensor loss;
     {
       Precision::Autocast autocast(*s.precision);

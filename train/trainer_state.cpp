@@ -140,7 +140,7 @@ void write_checkpoint(Trainer& trainer, const std::string& path) {
 
 void restore_checkpoint(Trainer& trainer, const std::string& path) {
   auto& s = trainer.impl();
-  auto ckpt = Checkpoint::from_directory(path);
+  auto ckpt = Checkpoint::open(path);
   ckpt.validate();
   s.strategy->load_model_state_dict(ckpt.model_state_dict());
   if (ckpt.has_file("optimizer.pt"))

@@ -1,0 +1,58 @@
+#include "actors/messages.hpp"
+
+#include <caf/all.hpp>
+
+namespace caftrain {
+
+namespace {
+
+/// Category of caftrain's errors in caf::error.
+constexpr caf::atom_value kErrorCategory = caf::atom("caftrain");
+
+} // namespace
+
+void init(caf::actor_system_config& cfg) {
+  cfg.add_message_type<FileDigest>("caftrain::FileDigest");
+  cfg.add_message_type<CheckpointMetadata>("caftrain::CheckpointMetadata");
+  cfg.add_message_type<Checkpoint>("caftrain::Checkpoint");
+  cfg.add_message_type<RunError>("caftrain::RunError");
+  cfg.add_message_type<ReportRecord>("caftrain::ReportRecord");
+  cfg.add_message_type<std::vector<ReportRecord>>("std::vector<caftrain::ReportRecord>");
+  cfg.add_message_type<RunStatus>("caftrain::RunStatus");
+  cfg.add_message_type<Result>("caftrain::Result");
+  cfg.add_message_type<WorkerReport>("caftrain::WorkerReport");
+  cfg.add_message_type<WorkerExit>("caftrain::WorkerExit");
+  cfg.add_message_type<PersistRequest>("caftrain::PersistRequest");
+  cfg.add_message_type<Metrics>("caftrain::Metrics");
+  cfg.add_message_type<std::vector<char>>("std::vector<char>");
+  cfg.add_error_category(kErrorCategory,
+                         [](uint8_t code, caf::atom_value, const caf::message& context) {
+                           std::string result = to_string(static_cast<Errc>(code));
+                           if (context.match_elements<std::string>())
+                             result += ": " + context.get_as<std::string>(0);
+                           return result;
+                         });
+}
+
+caf::error make_caf_error(Errc code, const std::string& message) {
+  return caf::error(static_cast<uint8_t>(code), kErrorCategory, caf::make_message(message));
+}
+
+RunError to_run_error(const caf::error& err, int64_t rank, int64_t attempt) {
+  RunError result;
+  result.rank = rank;
+  result.attempt = attempt;
+  if (err.category() == kErrorCategory) {
+    result.code = static_cast<Errc>(err.code());
+    if (err.context().match_elements<std::string>())
+      result.message = err.context().get_as<std::string>(0);
+    else
+      result.message = to_string(result.code);
+  } else {
+    result.code = Errc::worker_failed;
+    result.message = caf::to_string(err);
+  }
+  return result;
+}
+
+} // namespace caftrain

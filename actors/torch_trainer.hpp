@@ -1,0 +1,85 @@
+// TorchTrainer: runs a train function on N workers; the blocking façade over the trainer actor.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+#include "actors/result.hpp"
+#include "actors/run_config.hpp"
+
+namespace caftrain {
+
+struct RunSpec;
+
+/// Ray's TorchTrainer: runs `train_func` on `scaling.num_workers` workers (threads of this
+/// process, each with its own rank, device and intra-op thread count), joined by a gloo
+/// communicator, supervised by a trainer actor that collects reports, persists
+/// checkpoints and restarts the group after failures.
+///
+/// `fit()` blocks until the run ends. An actor-based service calls `start()` instead and
+/// talks to the returned trainer actor by messages (see actors/messages.hpp): subscribe
+/// to receive every `ReportRecord` and the final `(done_atom, Result)`, ask `status_atom`,
+/// send `cancel_atom`.
+class TorchTrainer {
+ public:
+  // -- constructors -----------------------------------------------------------------
+
+  /// Checks the options and the machine; throws `Error(invalid_config)` or
+  /// `Error(unavailable)` naming the problem before anything starts.
+  TorchTrainer(caf::actor_system& system, TrainFunc train_func, TorchTrainerOptions options = {});
+
+  /// For a train function that takes no config.
+  TorchTrainer(caf::actor_system& system, std::function<void()> train_func,
+               TorchTrainerOptions options = {});
+
+  ~TorchTrainer();
+  TorchTrainer(TorchTrainer&&) noexcept;
+  TorchTrainer& operator=(TorchTrainer&&) noexcept;
+
+  /// Continues the run stored at `path` (a run directory of an earlier process) from its
+  /// latest checkpoint; the options are those the run was started with, except `run`
+  /// callbacks and timeouts given here. Throws `Error(invalid_config)` when
+  /// `can_restore(path)` is false.
+  static TorchTrainer restore(caf::actor_system& system, const std::string& path,
+                              TrainFunc train_func, TorchTrainerOptions overrides = {});
+
+  /// True when `path` holds a run that `restore` can continue.
+  static bool can_restore(const std::string& path);
+
+  // -- running ----------------------------------------------------------------------
+
+  /// Runs to the end and returns the result (errors are in `Result::error`). The trainer
+  /// actor ends with its run; calling fit again returns the same result.
+  Result fit();
+
+  /// Starts the run without waiting; returns the trainer actor.
+  caf::actor start();
+
+  /// The trainer actor (spawned by the constructor, started by `start` or `fit`).
+  const caf::actor& actor() const noexcept;
+
+  // -- properties -------------------------------------------------------------------
+
+  /// The run directory (`<storage_path>/<name>`).
+  const std::string& path() const;
+
+  /// The resolved run name.
+  const std::string& name() const;
+
+ private:
+  TorchTrainer(caf::actor_system& system, std::shared_ptr<RunSpec> spec);
+
+  caf::actor_system* system_;
+  std::shared_ptr<RunSpec> spec_;
+  caf::actor actor_;
+  std::optional<Result> result_;
+};
+
+/// Checks `options` as the TorchTrainer constructor does (exposed for tests and tools).
+void validate(const TorchTrainerOptions& options);
+
+} // namespace caftrain

@@ -1,0 +1,624 @@
+#include "actors/trainer_actor.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+#include <thread>
+
+#include <caf/all.hpp>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "checkpoint/files.hpp"
+#include "core/error.hpp"
+#include "environment/store_protocol.hpp"
+
+namespace caftrain {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using Self = caf::stateful_actor<TrainerState>*;
+using AfterStop = TrainerState::AfterStop;
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string checkpoint_name(int64_t index) {
+  std::ostringstream os;
+  os << "checkpoint_" << std::setw(6) << std::setfill('0') << index;
+  return os.str();
+}
+
+const RunConfig& run_config(Self self) {
+  return self->state.spec->options.run;
+}
+
+// -- results ------------------------------------------------------------------------------
+
+Result build_result(Self self) {
+  auto& st = self->state;
+  Result r;
+  r.metrics_history = st.history;
+  if (!st.history.empty())
+    r.metrics = st.history.back().metrics;
+  r.checkpoint = st.manager->latest();
+  r.best_checkpoints = st.manager->best();
+  r.path = st.spec->dir;
+  r.error = st.error;
+  r.attempts = st.attempt + 1;
+  return r;
+}
+
+void write_result_file(const Result& r) {
+  nlohmann::json history = nlohmann::json::array();
+  for (auto& rec : r.metrics_history)
+    history.push_back({{"index", rec.index},
+                       {"attempt", rec.attempt},
+                       {"metrics", rec.metrics},
+                       {"checkpoint", rec.checkpoint_path},
+                       {"timestamp", rec.timestamp}});
+  nlohmann::json j = {{"metrics", r.metrics},
+                      {"history", history},
+                      {"checkpoint", r.checkpoint ? r.checkpoint->path() : ""},
+                      {"attempts", r.attempts},
+                      {"error", r.error ? r.error->message : ""},
+                      {"finished_at", now_seconds()}};
+  try {
+    write_file_atomic((fs::path(r.path) / "result.json").string(), j.dump(2));
+  } catch (const Error& e) {
+    spdlog::warn("caftrain: cannot write result.json: {}", e.what());
+  }
+}
+
+void fail_waiters(Self self, const caf::error& err);
+
+void finish(Self self) {
+  auto& st = self->state;
+  if (st.result)
+    return;
+  st.state = !st.error ? "finished" : st.error->code == Errc::cancelled ? "cancelled" : "failed";
+  auto r = build_result(self);
+  st.result = r;
+  write_result_file(r);
+  for (auto& cb : run_config(self).callbacks)
+    cb->on_finish(r);
+  for (auto& p : st.fit_promises)
+    p.deliver(r);
+  st.fit_promises.clear();
+  for (auto& s : st.subscribers)
+    self->send(s, done_atom::value, r);
+  if (st.persister) {
+    auto persister = st.persister;
+    st.persister = nullptr;
+    self->demonitor(persister);
+    self->send_exit(persister, caf::exit_reason::user_shutdown);
+  }
+  for (auto& w : st.workers) {
+    self->demonitor(w);
+    self->send_exit(w, caf::exit_reason::user_shutdown);
+  }
+  st.workers.clear();
+  fail_waiters(self, make_caf_error(Errc::bad_state, "the run has ended"));
+  // The actor ends with its run: pending timers and promises would otherwise keep it (and
+  // the actor system's shutdown) waiting.
+  self->quit();
+}
+
+// -- attempts -----------------------------------------------------------------------------
+
+void launch_attempt(Self self, int64_t attempt) {
+  auto& st = self->state;
+  auto& scaling = st.spec->options.scaling;
+  st.attempt = attempt;
+  st.state = "running";
+  st.rounds.clear();
+  st.running.clear();
+  st.succeeded.clear();
+  st.workers.clear();
+  // Start from the latest good checkpoint (a corrupt one is skipped), else the initial one.
+  std::optional<Checkpoint> start = st.manager->latest_valid();
+  if (!start)
+    start = st.initial_checkpoint;
+  int64_t first_index = 0;
+  if (start && start->committed() && start->metadata().run == st.spec->name)
+    first_index = start->metadata().report_index + 1;
+  // Reports the failed attempt made after that checkpoint are redone by this one.
+  while (!st.history.empty() && st.history.back().index >= first_index)
+    st.history.pop_back();
+  st.next_index = first_index;
+  auto n = scaling.num_workers;
+  auto cores = static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+  auto threads = scaling.resources_per_worker.cpus > 0
+                   ? static_cast<int64_t>(scaling.resources_per_worker.cpus)
+                   : std::max<int64_t>(1, cores / n);
+  for (int64_t rank = 0; rank < n; ++rank) {
+    WorkerSpec ws;
+    ws.run = st.spec;
+    ws.trainer = self;
+    ws.checkpoint = start;
+    ws.first_report_index = first_index;
+    auto& ctx = ws.context;
+    ctx.world_rank = rank;
+    ctx.local_rank = rank;
+    ctx.node_rank = 0;
+    ctx.world_size = n;
+    ctx.local_world_size = n;
+    ctx.device = scaling.use_gpu ? "cuda:" + std::to_string(rank) : "cpu";
+    ctx.num_threads = threads;
+    ctx.run_name = st.spec->name;
+    ctx.run_dir = st.spec->dir;
+    ctx.attempt = attempt;
+    st.workers.push_back(self->spawn<caf::monitored>(worker_actor, std::move(ws)));
+    st.running.insert(rank);
+  }
+  spdlog::debug("caftrain: run {} attempt {} started {} workers", st.spec->name, attempt, n);
+}
+
+void fail_waiters(Self self, const caf::error& err) {
+  auto& st = self->state;
+  for (auto& [index, round] : st.rounds)
+    for (auto& p : round.promises)
+      if (p.pending())
+        p.deliver(err);
+  st.rounds.clear();
+  for (auto& [key, promises] : st.waiting)
+    for (auto& p : promises)
+      if (p.pending())
+        p.deliver(err);
+  st.waiting.clear();
+}
+
+void complete_stop(Self self) {
+  auto& st = self->state;
+  st.stopping = false;
+  for (auto& w : st.workers) {
+    self->demonitor(w);
+    self->send_exit(w, caf::exit_reason::user_shutdown);
+  }
+  st.workers.clear();
+  if (st.cause && st.after_stop == AfterStop::decide) {
+    auto err = *st.cause;
+    st.cause.reset();
+    ++st.failures;
+    auto max = run_config(self).failure.max_failures;
+    bool restart = err.code != Errc::invalid_config && (max < 0 || st.failures <= max);
+    spdlog::warn("caftrain: run {} attempt {}: {}{}", st.spec->name, st.attempt, err.message,
+                 restart ? " (restarting)" : "");
+    for (auto& cb : run_config(self).callbacks)
+      cb->on_failure(err.message, st.attempt + 1, restart);
+    if (restart)
+      return launch_attempt(self, st.attempt + 1);
+    st.error = err;
+  }
+  finish(self);
+}
+
+/// Stops every worker of the current attempt; continues once their threads have exited
+/// (or the grace period is over): with a restart-or-finish decision after a failure
+/// (`decide`), or by finishing the run (`finish`: cancel, stop criteria).
+void stop_attempt(Self self, AfterStop after, const std::string& reason) {
+  auto& st = self->state;
+  if (st.stopping) {
+    if (after == AfterStop::finish)
+      st.after_stop = after; // a cancel during a restart ends the run
+    return;
+  }
+  st.stopping = true;
+  st.after_stop = after;
+  st.state = after == AfterStop::decide ? "restarting" : "stopping";
+  fail_waiters(self, make_caf_error(Errc::cancelled, reason));
+  for (auto& w : st.workers)
+    self->send_exit(w, make_caf_error(Errc::cancelled, reason));
+  if (st.running.empty())
+    return complete_stop(self);
+  self->delayed_send(self, run_config(self).stop_grace, grace_atom::value, st.attempt);
+}
+
+/// How telling a failure is about its cause: a rank whose collective was aborted because
+/// a peer closed the group failed as a consequence, not as the cause.
+int severity(Errc code) {
+  switch (code) {
+    case Errc::cancelled: return 0;
+    case Errc::collective_aborted: return 1;
+    case Errc::collective_timeout:
+    case Errc::report_timeout: return 2;
+    default: return 3;
+  }
+}
+
+void worker_failed(Self self, RunError err) {
+  auto& st = self->state;
+  if (st.result)
+    return;
+  if (st.stopping) {
+    // While the group is torn down, keep the most telling cause seen.
+    if (st.cause && severity(err.code) > severity(st.cause->code))
+      st.cause = err;
+    return;
+  }
+  st.cause = err;
+  stop_attempt(self, AfterStop::decide, err.message);
+}
+
+// -- reports --------------------------------------------------------------------------------
+
+bool stop_criteria_reached(const RunConfig& run, const ReportRecord& rec) {
+  for (auto& [key, threshold] : run.stop) {
+    if (key == "training_iteration" && static_cast<double>(rec.index + 1) >= threshold)
+      return true;
+    auto it = rec.metrics.find(key);
+    if (it != rec.metrics.end() && it->second >= threshold)
+      return true;
+  }
+  return false;
+}
+
+void complete_round(Self self, int64_t index);
+
+void record_round(Self self, int64_t index, TrainerState::Round& round, const std::string& ckpt) {
+  auto& st = self->state;
+  ReportRecord rec;
+  rec.run = st.spec->name;
+  rec.index = index;
+  rec.attempt = st.attempt;
+  for (auto& r : round.reports)
+    rec.all_metrics.push_back(r->metrics);
+  rec.metrics = rec.all_metrics.front();
+  rec.checkpoint_path = ckpt;
+  rec.timestamp = now_seconds();
+  st.history.push_back(rec);
+  for (auto& s : st.subscribers)
+    self->send(s, rec);
+  for (auto& cb : run_config(self).callbacks)
+    cb->on_report(rec);
+  for (auto& p : round.promises)
+    if (p.pending())
+      p.deliver(ack_atom::value);
+  st.rounds.erase(index);
+  st.next_index = index + 1;
+  if (!st.stop_criteria_met && stop_criteria_reached(run_config(self), rec)) {
+    st.stop_criteria_met = true;
+    stop_attempt(self, AfterStop::finish, "stop criteria reached");
+    return;
+  }
+  // Rounds complete in index order; the next one may already be full.
+  auto next = st.rounds.find(st.next_index);
+  if (next != st.rounds.end() && next->second.arrived == next->second.reports.size() &&
+      !next->second.persisting)
+    complete_round(self, st.next_index);
+}
+
+void complete_round(Self self, int64_t index);
+
+void complete_round(Self self, int64_t index) {
+  auto& st = self->state;
+  auto& round = st.rounds.at(index);
+  std::vector<std::string> sources;
+  for (auto& r : round.reports)
+    if (!r->checkpoint_dir.empty())
+      sources.push_back(r->checkpoint_dir);
+  if (sources.empty())
+    return record_round(self, index, round, "");
+  auto& metrics = round.reports.front()->metrics;
+  try {
+    st.manager->check_metrics(metrics);
+  } catch (const Error& e) {
+    worker_failed(self, RunError{Errc::invalid_config, e.what(), 0, st.attempt});
+    return;
+  }
+  PersistRequest req;
+  req.final_path = (fs::path(st.spec->dir) / checkpoint_name(index)).string();
+  req.sources = sources;
+  auto& meta = req.metadata;
+  meta.run = st.spec->name;
+  meta.attempt = st.attempt;
+  meta.report_index = index;
+  meta.metrics = metrics;
+  meta.epoch = metrics.count("epoch") ? static_cast<int64_t>(metrics.at("epoch")) : 0;
+  meta.global_step = metrics.count("step") ? static_cast<int64_t>(metrics.at("step")) : 0;
+  meta.world_size = st.spec->options.scaling.num_workers;
+  round.persisting = true;
+  auto attempt = st.attempt;
+  self->request(st.persister, caf::infinite, persist_atom::value, req)
+    .then(
+      [=](Checkpoint& ckpt) {
+        auto& st = self->state;
+        // A committed checkpoint is complete, whatever happened to the attempt meanwhile.
+        st.manager->register_checkpoint(ckpt, ckpt.metadata().metrics);
+        if (st.attempt != attempt || st.rounds.count(index) == 0)
+          return;
+        record_round(self, index, st.rounds.at(index), ckpt.path());
+      },
+      [=](caf::error& err) {
+        if (self->state.attempt == attempt)
+          worker_failed(self, to_run_error(err, -1, attempt));
+      });
+}
+
+caf::response_promise on_report(Self self, WorkerReport& r) {
+  auto& st = self->state;
+  auto rp = self->make_response_promise();
+  if (st.result || st.stopping || r.attempt != st.attempt) {
+    rp.deliver(make_caf_error(Errc::cancelled, "the attempt this report belongs to was stopped"));
+    return rp;
+  }
+  auto n = static_cast<size_t>(st.spec->options.scaling.num_workers);
+  if (r.index < st.next_index) {
+    rp.deliver(make_caf_error(Errc::bad_state, "report #" + std::to_string(r.index) +
+                                                 " arrived after it was completed"));
+    return rp;
+  }
+  auto& round = st.rounds[r.index];
+  if (round.reports.empty())
+    round.reports.resize(n);
+  auto rank = static_cast<size_t>(r.rank);
+  if (rank >= n || round.reports[rank]) {
+    rp.deliver(make_caf_error(Errc::bad_state, "duplicate report"));
+    return rp;
+  }
+  if (round.arrived == 0)
+    self->delayed_send(self, run_config(self).report_timeout, report_timeout_atom::value, st.attempt,
+                       r.index);
+  auto index = r.index;
+  round.reports[rank] = std::move(r);
+  round.promises.push_back(rp);
+  ++round.arrived;
+  if (round.arrived == n && index == st.next_index)
+    complete_round(self, index);
+  return rp;
+}
+
+void on_report_timeout(Self self, int64_t attempt, int64_t index) {
+  auto& st = self->state;
+  if (attempt != st.attempt || st.stopping || st.rounds.count(index) == 0)
+    return;
+  auto& round = st.rounds.at(index);
+  if (round.arrived == round.reports.size())
+    return;
+  std::string missing, present;
+  int64_t first_missing = -1;
+  for (size_t k = 0; k < round.reports.size(); ++k) {
+    auto& list = round.reports[k] ? present : missing;
+    list += (list.empty() ? "" : ", ") + std::to_string(k);
+    if (!round.reports[k] && first_missing < 0)
+      first_missing = static_cast<int64_t>(k);
+  }
+  auto secs = std::chrono::duration<double>(run_config(self).report_timeout).count();
+  worker_failed(self, RunError{Errc::report_timeout,
+                               "rank " + missing + " did not reach report #" +
+                                 std::to_string(index) + " within " + std::to_string(secs) +
+                                 " s of rank " + present +
+                                 "; every rank must call train::report the same number of times",
+                               first_missing, attempt});
+}
+
+void on_worker_exit(Self self, const WorkerExit& exit) {
+  auto& st = self->state;
+  if (exit.attempt != st.attempt)
+    return; // a thread of an earlier attempt
+  st.running.erase(exit.rank);
+  if (st.stopping) {
+    if (exit.failed)
+      worker_failed(self, exit.error);
+    if (st.running.empty())
+      complete_stop(self);
+    return;
+  }
+  if (exit.failed)
+    return worker_failed(self, exit.error);
+  st.succeeded.insert(exit.rank);
+  // A rank that is done can no longer report: a round waiting for it never completes.
+  for (auto& [index, round] : st.rounds) {
+    if (!round.reports[static_cast<size_t>(exit.rank)]) {
+      return worker_failed(self,
+                           RunError{Errc::rank_mismatch,
+                                    "rank " + std::to_string(exit.rank) +
+                                      " returned from train_func without report #" +
+                                      std::to_string(index) +
+                                      " that other ranks made; every rank must call "
+                                      "train::report the same number of times",
+                                    exit.rank, exit.attempt});
+    }
+  }
+  if (st.running.empty())
+    finish(self);
+}
+
+void serve_get(Self self, const std::string& key, int64_t timeout_ms, caf::response_promise rp) {
+  auto& st = self->state;
+  auto i = st.store.find(key);
+  if (i != st.store.end()) {
+    rp.deliver(i->second);
+    return;
+  }
+  st.waiting[key].push_back(rp);
+  self->delayed_send(self, std::chrono::milliseconds(timeout_ms), store_expire_atom::value, key);
+}
+
+void start(Self self) {
+  auto& st = self->state;
+  if (st.attempt >= 0)
+    return;
+  std::error_code ec;
+  fs::create_directories(st.spec->dir, ec);
+  if (ec) {
+    st.error = RunError{Errc::io_error, "cannot create run directory '" + st.spec->dir + "': " + ec.message()};
+    st.attempt = 0;
+    return finish(self);
+  }
+  st.persister = self->spawn<caf::detached + caf::monitored>(persister_actor);
+  launch_attempt(self, 0);
+}
+
+} // namespace
+
+caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared_ptr<RunSpec> spec) {
+  auto& st = self->state;
+  st.spec = std::move(spec);
+  auto& opts = st.spec->options;
+  st.manager = std::make_unique<CheckpointManager>(
+    RetentionPolicy{opts.run.checkpoint.num_to_keep, opts.run.checkpoint.checkpoint_score_attribute,
+                    opts.run.checkpoint.checkpoint_score_order});
+  // Restoring: adopt what the run directory already holds.
+  std::vector<std::pair<Checkpoint, Metrics>> existing;
+  for (auto& c : find_checkpoints(st.spec->dir))
+    existing.emplace_back(c, c.metadata().metrics);
+  st.manager->adopt(existing);
+  if (!opts.resume_from_checkpoint.empty())
+    st.initial_checkpoint = Checkpoint::from_directory(opts.resume_from_checkpoint);
+  self->set_down_handler([=](caf::down_msg& dm) {
+    auto& st = self->state;
+    if (st.persister && dm.source == st.persister.address()) {
+      st.persister = nullptr;
+      if (!st.result)
+        worker_failed(self, RunError{Errc::io_error, "the checkpoint persister stopped: " +
+                                                       self->system().render(dm.reason)});
+      return;
+    }
+    for (size_t rank = 0; rank < st.workers.size(); ++rank) {
+      if (st.workers[rank].address() != dm.source)
+        continue;
+      auto r = static_cast<int64_t>(rank);
+      if (!st.stopping && st.running.count(r) && !st.result)
+        worker_failed(self, RunError{Errc::worker_failed,
+                                     "the worker actor of rank " + std::to_string(r) +
+                                       " died: " + self->system().render(dm.reason),
+                                     r, st.attempt});
+      return;
+    }
+    st.subscribers.erase(std::remove_if(st.subscribers.begin(), st.subscribers.end(),
+                                        [&](const caf::actor& a) { return a.address() == dm.source; }),
+                         st.subscribers.end());
+  });
+  return {
+    // -- callers --
+    [=](fit_atom) {
+      auto rp = self->make_response_promise();
+      if (self->state.result)
+        rp.deliver(*self->state.result);
+      else
+        self->state.fit_promises.push_back(rp);
+      start(self);
+      return rp;
+    },
+    [=](start_atom) { start(self); },
+    [=](subscribe_atom, caf::actor& subscriber) {
+      self->monitor(subscriber);
+      if (self->state.result)
+        self->send(subscriber, done_atom::value, *self->state.result);
+      else
+        self->state.subscribers.push_back(std::move(subscriber));
+    },
+    [=](unsubscribe_atom, const caf::actor& subscriber) {
+      auto& subs = self->state.subscribers;
+      subs.erase(std::remove(subs.begin(), subs.end(), subscriber), subs.end());
+    },
+    [=](status_atom) {
+      auto& st = self->state;
+      RunStatus s;
+      s.state = st.state;
+      s.attempt = std::max<int64_t>(st.attempt, 0);
+      s.failures = st.failures;
+      s.reports = static_cast<int64_t>(st.history.size());
+      if (!st.history.empty())
+        s.latest = st.history.back().metrics;
+      s.path = st.spec->dir;
+      return s;
+    },
+    [=](cancel_atom) {
+      auto& st = self->state;
+      if (st.result)
+        return;
+      st.error = RunError{Errc::cancelled, "the run was cancelled", -1, std::max<int64_t>(st.attempt, 0)};
+      if (st.attempt < 0) {
+        st.attempt = 0;
+        return finish(self);
+      }
+      stop_attempt(self, AfterStop::finish, "the run was cancelled");
+    },
+    // -- workers --
+    [=](report_atom, WorkerReport& r) { return on_report(self, r); },
+    [=](worker_exit_atom, const WorkerExit& exit) { on_worker_exit(self, exit); },
+    [=](report_timeout_atom, int64_t attempt, int64_t index) {
+      on_report_timeout(self, attempt, index);
+    },
+    [=](grace_atom, int64_t attempt) {
+      auto& st = self->state;
+      if (st.stopping && st.attempt == attempt) {
+        spdlog::warn("caftrain: {} worker thread(s) of attempt {} did not stop within the grace "
+                     "period; continuing without them",
+                     st.running.size(), attempt);
+        st.running.clear();
+        complete_stop(self);
+      }
+    },
+    // -- rendezvous store --
+    [=](store_set_atom, const std::string& key, std::vector<char>& value) {
+      auto& st = self->state;
+      auto i = st.waiting.find(key);
+      if (i != st.waiting.end()) {
+        for (auto& p : i->second)
+          if (p.pending())
+            p.deliver(value);
+        st.waiting.erase(i);
+      }
+      st.store[key] = std::move(value);
+      return true;
+    },
+    [=](store_get_atom, const std::string& key, int64_t timeout_ms) {
+      auto rp = self->make_response_promise();
+      serve_get(self, key, timeout_ms, rp);
+      return rp;
+    },
+    [=](store_add_atom, const std::string& key, int64_t delta) {
+      auto& v = self->state.store[key];
+      int64_t current = 0;
+      if (v.size() == sizeof(int64_t))
+        std::memcpy(&current, v.data(), sizeof(int64_t));
+      current += delta;
+      v.resize(sizeof(int64_t));
+      std::memcpy(v.data(), &current, sizeof(int64_t));
+      return current;
+    },
+    [=](store_expire_atom, const std::string& key) {
+      auto& st = self->state;
+      auto i = st.waiting.find(key);
+      if (i == st.waiting.end())
+        return;
+      // Waiters of one key expire together: each get sets its own timer, and the first
+      // timer to fire belongs to the oldest waiter.
+      auto p = i->second.front();
+      i->second.erase(i->second.begin());
+      if (p.pending())
+        p.deliver(make_caf_error(Errc::collective_timeout,
+                                 "rendezvous key '" + key + "' was not set in time"));
+      if (i->second.empty())
+        st.waiting.erase(i);
+    },
+  };
+}
+
+caf::behavior persister_actor(caf::event_based_actor* self) {
+  return {
+    [=](persist_atom, PersistRequest& req) -> caf::result<Checkpoint> {
+      try {
+        CheckpointWriter writer(req.final_path);
+        for (auto& src : req.sources)
+          writer.move_directory(src);
+        return writer.commit(req.metadata);
+      } catch (const Error& e) {
+        return make_caf_error(e.code(), e.what());
+      } catch (const std::exception& e) {
+        return make_caf_error(Errc::io_error, e.what());
+      }
+    },
+  };
+}
+
+} // namespace caftrain

@@ -1,0 +1,76 @@
+// The trainer actor: supervises one run's workers, serves its rendezvous store, collects
+// reports, persists checkpoints and restarts the group after failures.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/response_promise.hpp>
+#include <caf/stateful_actor.hpp>
+
+#include "actors/messages.hpp"
+#include "actors/worker.hpp"
+#include "checkpoint/checkpoint_manager.hpp"
+
+namespace caftrain {
+
+/// State of a trainer actor (one per run).
+struct TrainerState {
+  static inline const char* name = "caftrain.trainer";
+
+  /// One report round: what each rank reported and who waits for the round to complete.
+  struct Round {
+    std::vector<std::optional<WorkerReport>> reports;
+    std::vector<caf::response_promise> promises;
+    size_t arrived = 0;
+    bool persisting = false;
+  };
+
+  /// What to do once a stopping attempt's threads have exited: decide between restart
+  /// and finish from the failure that caused the stop, or finish.
+  enum class AfterStop { decide, finish };
+
+  std::shared_ptr<RunSpec> spec;
+  std::string state = "pending";
+  int64_t attempt = -1;
+  int64_t failures = 0;
+  // -- the current attempt --
+  std::vector<caf::actor> workers;
+  std::set<int64_t> running;
+  std::set<int64_t> succeeded;
+  bool stopping = false;
+  /// The failure that is stopping the attempt (the most telling one seen).
+  std::optional<RunError> cause;
+  AfterStop after_stop = AfterStop::finish;
+  // -- rendezvous store --
+  std::map<std::string, std::vector<char>> store;
+  std::map<std::string, std::vector<caf::response_promise>> waiting;
+  // -- reports and checkpoints --
+  std::map<int64_t, Round> rounds;
+  int64_t next_index = 0;
+  std::vector<ReportRecord> history;
+  std::unique_ptr<CheckpointManager> manager;
+  std::optional<Checkpoint> initial_checkpoint;
+  caf::actor persister;
+  // -- callers --
+  std::vector<caf::actor> subscribers;
+  std::vector<caf::response_promise> fit_promises;
+  std::optional<RunError> error;
+  std::optional<Result> result;
+  bool stop_criteria_met = false;
+};
+
+/// Spawns nothing until started (start_atom or fit_atom). See messages.hpp for the
+/// protocol: fit, start, subscribe, unsubscribe, status, cancel from callers; report,
+/// worker_exit and the store atoms from workers.
+caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared_ptr<RunSpec> spec);
+
+/// The persister: commits checkpoints on its own thread (spawn it detached).
+caf::behavior persister_actor(caf::event_based_actor* self);
+
+} // namespace caftrain

@@ -1,0 +1,263 @@
+#include "actors/worker.hpp"
+
+#include <atomic>
+#include <list>
+#include <mutex>
+#include <thread>
+
+#include <caf/all.hpp>
+#include <torch/torch.h>
+
+#include "actors/messages.hpp"
+#include "core/error.hpp"
+#include "environment/actor_store.hpp"
+#include "environment/gloo_communicator.hpp"
+#include "train/session.hpp"
+
+namespace caftrain {
+
+// -- the session a training thread talks to ------------------------------------------------
+
+/// The worker-side session: implements train::report & co. over messages to the trainer.
+class ActorSession : public Session {
+ public:
+  ActorSession(caf::actor_system& sys, WorkerSpec spec)
+    : sys_(sys), spec_(std::move(spec)), next_index_(spec_.first_report_index) {
+    // nop
+  }
+
+  const WorkerContext& context() const override {
+    return spec_.context;
+  }
+
+  std::shared_ptr<Communicator> communicator() const override {
+    std::lock_guard<std::mutex> guard(mtx_);
+    return communicator_;
+  }
+
+  bool stop_requested() const override {
+    return stop_.load();
+  }
+
+  std::string stop_reason() const override {
+    std::lock_guard<std::mutex> guard(mtx_);
+    return stop_reason_;
+  }
+
+  const Config& config() const override {
+    return spec_.run->options.train_loop_config;
+  }
+
+  std::optional<Checkpoint> latest_checkpoint() const override {
+    return spec_.checkpoint;
+  }
+
+  void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint) override {
+    if (stop_requested())
+      throw Error(Errc::cancelled, "train::report after the attempt was stopped: " + stop_reason());
+    WorkerReport r;
+    r.rank = spec_.context.world_rank;
+    r.attempt = spec_.context.attempt;
+    r.index = next_index_++;
+    r.metrics = metrics;
+    if (checkpoint)
+      r.checkpoint_dir = checkpoint->path();
+    auto& run = spec_.run->options.run;
+    caf::scoped_actor self{sys_};
+    self->request(spec_.trainer, run.report_timeout + std::chrono::seconds(30), report_atom::value, r)
+      .receive([](ack_atom) {},
+               [&](caf::error& err) {
+                 auto e = to_run_error(err, r.rank, r.attempt);
+                 throw Error(e.code == Errc::none ? Errc::worker_failed : e.code,
+                             "train::report #" + std::to_string(r.index) + " on rank " +
+                               std::to_string(r.rank) + " failed: " + e.message);
+               });
+  }
+
+  /// Rendezvous of this attempt's communicator (world_size > 1).
+  void connect() {
+    auto& ctx = spec_.context;
+    if (ctx.world_size <= 1)
+      return;
+    auto store = std::make_shared<PrefixStore>("attempt_" + std::to_string(ctx.attempt),
+                                               std::make_shared<ActorStore>(sys_, spec_.trainer));
+    GlooOptions options;
+    options.timeout = spec_.run->options.run.collective_timeout;
+    auto comm = GlooCommunicator::create(store, static_cast<int>(ctx.world_rank),
+                                         static_cast<int>(ctx.world_size), options);
+    std::lock_guard<std::mutex> guard(mtx_);
+    communicator_ = comm;
+    if (stop_.load())
+      communicator_->close();
+  }
+
+  /// Stops the attempt on this rank: later checks throw, the communicator closes (which
+  /// wakes every peer waiting on this rank at once).
+  void request_stop(const std::string& reason) {
+    std::shared_ptr<Communicator> comm;
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      if (stop_reason_.empty())
+        stop_reason_ = reason;
+      stop_ = true;
+      comm = communicator_;
+    }
+    if (comm)
+      comm->close();
+  }
+
+  void close_communicator() {
+    std::shared_ptr<Communicator> comm;
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      comm = std::move(communicator_);
+    }
+    if (comm)
+      comm->close();
+  }
+
+  const WorkerSpec& spec() const noexcept {
+    return spec_;
+  }
+
+  caf::actor_system& system() noexcept {
+    return sys_;
+  }
+
+ private:
+  caf::actor_system& sys_;
+  WorkerSpec spec_;
+  int64_t next_index_;
+  mutable std::mutex mtx_;
+  std::shared_ptr<Communicator> communicator_;
+  std::atomic<bool> stop_{false};
+  std::string stop_reason_;
+};
+
+// -- the threads ----------------------------------------------------------------------------
+
+namespace {
+
+/// Every training thread of this process, by run, so that a finished run's threads are
+/// joined (not left running while the program exits).
+class ThreadRegistry {
+ public:
+  void add(const std::string& run, std::thread thread, std::shared_ptr<std::atomic<bool>> done) {
+    std::lock_guard<std::mutex> guard(mtx_);
+    entries_.push_back({run, std::move(thread), std::move(done)});
+  }
+
+  size_t join(const std::string& run, std::chrono::milliseconds grace) {
+    auto deadline = std::chrono::steady_clock::now() + grace;
+    std::list<Entry> mine;
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      for (auto i = entries_.begin(); i != entries_.end();) {
+        if (i->run == run)
+          mine.splice(mine.end(), entries_, i++);
+        else
+          ++i;
+      }
+    }
+    size_t left = 0;
+    for (auto& e : mine) {
+      while (!e.done->load() && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      if (e.done->load()) {
+        e.thread.join();
+      } else {
+        e.thread.detach();
+        ++left;
+      }
+    }
+    return left;
+  }
+
+  ~ThreadRegistry() {
+    for (auto& e : entries_) {
+      if (e.done->load())
+        e.thread.join();
+      else
+        e.thread.detach();
+    }
+  }
+
+ private:
+  struct Entry {
+    std::string run;
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+
+  std::mutex mtx_;
+  std::list<Entry> entries_;
+};
+
+ThreadRegistry& registry() {
+  static ThreadRegistry instance;
+  return instance;
+}
+
+std::string first_line(const std::string& text) {
+  return text.substr(0, text.find('\n'));
+}
+
+void train_thread(std::shared_ptr<ActorSession> session, std::shared_ptr<std::atomic<bool>> done) {
+  WorkerExit exit;
+  caf::actor trainer;
+  {
+    auto& spec = session->spec();
+    auto& ctx = spec.context;
+    exit.rank = ctx.world_rank;
+    exit.attempt = ctx.attempt;
+    trainer = spec.trainer;
+    ScopedWorker scope(session.get());
+    at::set_num_threads(static_cast<int>(std::max<int64_t>(1, ctx.num_threads)));
+    auto fail = [&](Errc code, const std::string& what) {
+      exit.failed = true;
+      exit.error = {code, "rank " + std::to_string(ctx.world_rank) + ": " + what, ctx.world_rank,
+                    ctx.attempt};
+    };
+    try {
+      session->connect();
+      spec.run->train_func(spec.run->options.train_loop_config);
+    } catch (const Error& e) {
+      fail(e.code(), e.what());
+    } catch (const c10::Error& e) {
+      fail(Errc::worker_failed, first_line(e.what()));
+    } catch (const std::exception& e) {
+      fail(Errc::worker_failed, e.what());
+    } catch (...) {
+      fail(Errc::worker_failed, "train_func threw a non-standard exception");
+    }
+    // Tell the trainer first, so that the cause of a failure reaches it before the
+    // aborts its peers see once this rank's communicator closes.
+    caf::anon_send(trainer, worker_exit_atom::value, exit);
+    session->close_communicator(); // wakes peers still waiting on this rank
+    session.reset();
+  }
+  trainer = nullptr;
+  done->store(true);
+}
+
+} // namespace
+
+caf::behavior worker_actor(caf::stateful_actor<WorkerState>* self, WorkerSpec spec) {
+  auto run = spec.run->name;
+  auto session = std::make_shared<ActorSession>(self->system(), std::move(spec));
+  self->state.session = session;
+  self->attach_functor([session](const caf::error& reason) {
+    session->request_stop(reason ? session->system().render(reason) : "worker stopped");
+  });
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  registry().add(run, std::thread(train_thread, session, done), done);
+  return {
+    [=](status_atom) { return self->state.session->context().world_rank; },
+  };
+}
+
+size_t join_worker_threads(const std::string& run, std::chrono::milliseconds grace) {
+  return registry().join(run, grace);
+}
+
+} // namespace caftrain

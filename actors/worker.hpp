@@ -1,0 +1,57 @@
+// The worker actor: one rank of a run, training on a thread of its own.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <caf/fwd.hpp>
+#include <caf/stateful_actor.hpp>
+
+#include "actors/run_config.hpp"
+#include "checkpoint/checkpoint.hpp"
+#include "environment/worker_context.hpp"
+
+namespace caftrain {
+
+class ActorSession;
+
+/// What one run shares with all its workers (stays in this process).
+struct RunSpec {
+  TrainFunc train_func;
+  TorchTrainerOptions options;
+  /// Resolved run name and directory.
+  std::string name;
+  std::string dir;
+};
+
+/// What a worker actor needs to start its rank.
+struct WorkerSpec {
+  std::shared_ptr<const RunSpec> run;
+  WorkerContext context;
+  /// The trainer actor (reports, rendezvous store, exit notices).
+  caf::actor trainer;
+  /// The checkpoint the attempt starts from.
+  std::optional<Checkpoint> checkpoint;
+  /// Index the rank's first report gets.
+  int64_t first_report_index = 0;
+};
+
+struct WorkerState {
+  static inline const char* name = "caftrain.worker";
+  std::shared_ptr<ActorSession> session;
+};
+
+/// Starts the rank's training thread (train_func under an ActorSession) and stays alive
+/// while it runs; when the actor exits (the trainer stops the attempt), the session is
+/// stopped and its communicator closed so that the thread ends promptly.
+caf::behavior worker_actor(caf::stateful_actor<WorkerState>* self, WorkerSpec spec);
+
+/// Joins the training threads of run `run` that have finished, waiting up to `grace` for
+/// the others, which are then detached (they are stuck in user code). Returns how many
+/// threads were left behind.
+size_t join_worker_threads(const std::string& run, std::chrono::milliseconds grace);
+
+} // namespace caftrain

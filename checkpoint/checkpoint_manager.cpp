@@ -1,0 +1,113 @@
+#include "checkpoint/checkpoint_manager.hpp"
+
+#include <algorithm>
+#include <filesystem>
+
+#include "core/error.hpp"
+
+namespace caftrain {
+
+namespace fs = std::filesystem;
+
+CheckpointManager::CheckpointManager(RetentionPolicy policy) : policy_(std::move(policy)) {
+  if (policy_.num_to_keep && *policy_.num_to_keep < 1)
+    throw Error(Errc::invalid_config, "CheckpointConfig.num_to_keep is " +
+                                        std::to_string(*policy_.num_to_keep) +
+                                        "; keep at least 1 or leave it unset to keep all");
+  if (policy_.score_order != "max" && policy_.score_order != "min")
+    throw Error(Errc::invalid_config, "CheckpointConfig.checkpoint_score_order '" +
+                                        policy_.score_order + "' is unknown; use \"max\" or \"min\"");
+}
+
+void CheckpointManager::check_metrics(const Metrics& metrics) const {
+  if (policy_.score_attribute.empty() || metrics.count(policy_.score_attribute))
+    return;
+  std::string known;
+  for (auto& [k, v] : metrics)
+    known += (known.empty() ? "" : ", ") + k;
+  throw Error(Errc::invalid_config,
+              "checkpoint_score_attribute '" + policy_.score_attribute +
+                "' is not among the reported metrics (" + (known.empty() ? "none" : known) +
+                "); report it with every checkpoint or change CheckpointConfig");
+}
+
+bool CheckpointManager::better(const Metrics& a, const Metrics& b) const {
+  auto x = a.at(policy_.score_attribute);
+  auto y = b.at(policy_.score_attribute);
+  return policy_.score_order == "max" ? x > y : x < y;
+}
+
+void CheckpointManager::register_checkpoint(const Checkpoint& checkpoint, const Metrics& metrics) {
+  check_metrics(metrics);
+  kept_.emplace_back(checkpoint, metrics);
+  if (!policy_.num_to_keep || static_cast<int64_t>(kept_.size()) <= *policy_.num_to_keep)
+    return;
+  // Drop the worst (or oldest) one that is not the latest.
+  size_t victim = 0;
+  if (!policy_.score_attribute.empty()) {
+    for (size_t i = 1; i + 1 < kept_.size(); ++i)
+      if (better(kept_[victim].second, kept_[i].second))
+        victim = i;
+  }
+  auto path = kept_[victim].first.path();
+  kept_.erase(kept_.begin() + static_cast<ptrdiff_t>(victim));
+  std::error_code ec;
+  fs::remove_all(path, ec);
+}
+
+void CheckpointManager::adopt(const std::vector<std::pair<Checkpoint, Metrics>>& existing) {
+  for (auto& item : existing)
+    kept_.push_back(item);
+}
+
+std::optional<Checkpoint> CheckpointManager::latest() const {
+  if (kept_.empty())
+    return std::nullopt;
+  return kept_.back().first;
+}
+
+std::optional<Checkpoint> CheckpointManager::latest_valid() const {
+  for (auto i = kept_.rbegin(); i != kept_.rend(); ++i) {
+    try {
+      i->first.validate();
+      return i->first;
+    } catch (const Error&) {
+      // corrupt: fall back to the one before
+    }
+  }
+  return std::nullopt;
+}
+
+std::vector<std::pair<Checkpoint, Metrics>> CheckpointManager::best() const {
+  auto result = kept_;
+  if (policy_.score_attribute.empty()) {
+    std::reverse(result.begin(), result.end());
+  } else {
+    std::stable_sort(result.begin(), result.end(),
+                     [&](auto& a, auto& b) { return better(a.second, b.second); });
+  }
+  return result;
+}
+
+std::vector<Checkpoint> find_checkpoints(const std::string& run_dir) {
+  std::vector<Checkpoint> result;
+  std::error_code ec;
+  if (!fs::is_directory(run_dir, ec))
+    return result;
+  for (auto& entry : fs::directory_iterator(run_dir, ec)) {
+    auto name = entry.path().filename().string();
+    if (!entry.is_directory() || name.rfind("checkpoint_", 0) != 0)
+      continue;
+    try {
+      result.push_back(Checkpoint::open(entry.path().string()));
+    } catch (const Error&) {
+      // no metadata: an interrupted save, never picked
+    }
+  }
+  std::sort(result.begin(), result.end(), [](const Checkpoint& a, const Checkpoint& b) {
+    return a.metadata().report_index < b.metadata().report_index;
+  });
+  return result;
+}
+
+} // namespace caftrain

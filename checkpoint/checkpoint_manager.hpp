@@ -1,0 +1,73 @@
+// CheckpointManager: which persisted checkpoints a run keeps.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "checkpoint/checkpoint.hpp"
+
+namespace caftrain {
+
+/// Retention policy of a `CheckpointManager` (the fields of Ray's CheckpointConfig).
+struct RetentionPolicy {
+  /// Keep at most this many; unset keeps all.
+  std::optional<int64_t> num_to_keep = std::nullopt;
+  /// Metric ranking checkpoints; "" ranks by recency.
+  std::string score_attribute = "";
+  /// "max" or "min".
+  std::string score_order = "max";
+};
+
+/// Keeps the best `num_to_keep` checkpoints by score (or the most recent ones without a
+/// score attribute) and always the latest, so that a restart never goes back further than
+/// it must. Checkpoints it drops are deleted from disk. Registration order is report order.
+class CheckpointManager {
+ public:
+  /// Throws `Error(invalid_config)` for num_to_keep < 1 or an unknown order.
+  explicit CheckpointManager(RetentionPolicy policy = {});
+
+  /// Adds a persisted checkpoint with the metrics reported with it, then applies the
+  /// policy (deleting what it drops). Throws `Error(invalid_config)` naming the attribute
+  /// when the score attribute is missing from `metrics`, before anything is changed.
+  void register_checkpoint(const Checkpoint& checkpoint, const Metrics& metrics);
+
+  /// Adopts checkpoints found on disk (restore), oldest first, without deleting any.
+  void adopt(const std::vector<std::pair<Checkpoint, Metrics>>& existing);
+
+  /// The most recent checkpoint.
+  std::optional<Checkpoint> latest() const;
+
+  /// The latest checkpoint that passes `validate()`; a corrupt one is skipped (it stays on
+  /// disk for inspection) and the previous good one returned.
+  std::optional<Checkpoint> latest_valid() const;
+
+  /// The kept checkpoints with their metrics, best first (by score, else newest first).
+  std::vector<std::pair<Checkpoint, Metrics>> best() const;
+
+  /// Everything kept, in registration order.
+  const std::vector<std::pair<Checkpoint, Metrics>>& kept() const noexcept {
+    return kept_;
+  }
+
+  const RetentionPolicy& policy() const noexcept {
+    return policy_;
+  }
+
+  /// Checks that `metrics` carries the score attribute (when one is configured).
+  void check_metrics(const Metrics& metrics) const;
+
+ private:
+  bool better(const Metrics& a, const Metrics& b) const;
+
+  RetentionPolicy policy_;
+  std::vector<std::pair<Checkpoint, Metrics>> kept_;
+};
+
+/// Persisted checkpoints under a run directory (`checkpoint_*` that open cleanly),
+/// oldest first by report index; half-written ones (no metadata) are ignored.
+std::vector<Checkpoint> find_checkpoints(const std::string& run_dir);
+
+} // namespace caftrain
