@@ -1,13 +1,18 @@
-// The seed's Fashion-MNIST ResNet18 classifier, trained with caftrain's Lightning-style loop.
+// The seed: Fashion-MNIST with ResNet18, in one process or on N workers of a TorchTrainer.
 //
-//   build/examples/fashion_mnist                    # 1 epoch of 100 batches, then the test set
-//   build/examples/fashion_mnist --full             # the seed's run: 10 epochs, every batch
-//   build/examples/fashion_mnist --epochs 2 --limit-train-batches 50 --output runs/fmnist
+//   build/examples/fashion_mnist --workers 2        # DDP on 2 local workers (the seed's Ray tab)
+//   build/examples/fashion_mnist                    # one process, no actors (the Lightning tab)
+//   build/examples/fashion_mnist --workers 2 --full # the seed's run: 10 epochs, every batch
 //
-// Prints a progress bar per epoch, the validation accuracy, and at the end a line
-// `test accuracy: 0.8xxx` and where the weights were saved (resnet18.pt, which Python
-// loads into torchvision's resnet18 whose conv1 is replaced as in the seed).
+// By default 1 epoch of 100 batches (per worker) and 20 validation batches, which take a
+// few minutes on 2 cores. Prints the progress bar of rank 0, the reported metrics, and at
+// the end `test accuracy: 0.8xxx` on the whole test set and where the weights were saved
+// (resnet18.pt, which Python loads into torchvision's resnet18 with the seed's conv1).
 #include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <caf/all.hpp>
 
 #include <cstdlib>
 #include <iostream>
@@ -37,8 +42,9 @@ class ImageClassifier : public caftrain::LightningModule {
 
   void validation_step(const caftrain::Batch& batch, int64_t) override {
     auto logits = forward(batch.data);
-    log("val_loss", torch::nn::functional::cross_entropy(logits, batch.target), {.prog_bar = true});
-    log("val_accuracy", accuracy(logits, batch.target), {.prog_bar = true});
+    auto loss = torch::nn::functional::cross_entropy(logits, batch.target);
+    log("val_loss", loss, {.prog_bar = true, .sync_dist = true});
+    log("val_accuracy", accuracy(logits, batch.target), {.prog_bar = true, .sync_dist = true});
   }
 
   void test_step(const caftrain::Batch& batch, int64_t) override {
@@ -60,6 +66,7 @@ class ImageClassifier : public caftrain::LightningModule {
 };
 
 struct Flags {
+  int64_t workers = 0;
   int64_t epochs = 1;
   int64_t limit_train_batches = 100;
   int64_t limit_val_batches = 20;
@@ -72,7 +79,8 @@ struct Flags {
 
 [[noreturn]] void usage(const std::string& problem) {
   std::cerr << "fashion_mnist: " << problem << "\n"
-            << "flags: --epochs N  --limit-train-batches N  --limit-val-batches N  --batch-size N\n"
+            << "flags: --workers N (0: this process, no actors)  --epochs N\n"
+            << "       --limit-train-batches N  --limit-val-batches N  --batch-size N\n"
             << "       --threads N (default: all cores)  --full  --data DIR  --output DIR\n";
   std::exit(2);
 }
@@ -94,7 +102,9 @@ Flags parse(int argc, char** argv) {
         usage(a + " needs a number, got '" + v + "'");
       }
     };
-    if (a == "--epochs")
+    if (a == "--workers")
+      f.workers = number();
+    else if (a == "--epochs")
       f.epochs = number();
     else if (a == "--limit-train-batches")
       f.limit_train_batches = number();
@@ -125,33 +135,106 @@ caftrain::BatchLimit limit(int64_t n) {
   return n < 0 ? caftrain::BatchLimit(1.0) : caftrain::BatchLimit(n);
 }
 
+/// Evaluates `model` on the test set in this process and saves torchvision-named weights.
+int finish(const std::shared_ptr<ImageClassifier>& model, const Flags& flags) {
+  caftrain::Trainer tester({.logger = false, .enable_progress_bar = false});
+  auto test = caftrain::data::FashionMNIST::test(flags.data);
+  auto results = tester.test(model, test->loader({.batch_size = 256}));
+  auto weights = flags.output + "/resnet18.pt";
+  caftrain::save_state_dict(caftrain::state_dict(*model->model), weights);
+  std::cout << "test accuracy: " << results.front().at("test_accuracy") << "\n"
+            << "test loss: " << results.front().at("test_loss") << "\n"
+            << "weights: " << weights << std::endl;
+  return 0;
+}
+
+/// The seed without Ray: one process, the Lightning-style loop.
+int run_local(const Flags& flags) {
+  auto train = caftrain::data::FashionMNIST::train(flags.data);
+  auto val = caftrain::data::FashionMNIST::test(flags.data);
+  auto model = caftrain::with_seed(0, [] { return std::make_shared<ImageClassifier>(); });
+  caftrain::Trainer trainer({.max_epochs = flags.epochs,
+                             .limit_train_batches = limit(flags.limit_train_batches),
+                             .limit_val_batches = limit(flags.limit_val_batches),
+                             .default_root_dir = flags.output});
+  trainer.fit(model, train->loader({.batch_size = flags.batch_size, .shuffle = true}),
+              val->loader({.batch_size = 256}));
+  std::cout << "metrics: " << trainer.log_dir() << "/metrics.csv" << std::endl;
+  return finish(model, flags);
+}
+
+/// The seed's "Ray Train" tab: train_func runs on every worker of a TorchTrainer.
+void train_func(const caftrain::Config& config) {
+  auto root = config.get<std::string>("data");
+  auto train = caftrain::data::FashionMNIST::train(root);
+  auto val = caftrain::data::FashionMNIST::test(root);
+  auto model = caftrain::with_seed(0, [] { return std::make_shared<ImageClassifier>(); });
+  caftrain::Trainer trainer({.max_epochs = config.get<int64_t>("epochs"),
+                             .devices = "auto",
+                             .accelerator = "auto",
+                             .strategy = caftrain::DDPStrategy(),
+                             .plugins = {caftrain::ActorEnvironment()},
+                             .callbacks = {caftrain::ReportCallback()},
+                             .limit_train_batches = limit(config.get<int64_t>("limit_train_batches")),
+                             .limit_val_batches = limit(config.get<int64_t>("limit_val_batches")),
+                             .enable_progress_bar = caftrain::train::get_context().world_rank == 0,
+                             .default_root_dir = config.get<std::string>("output")});
+  trainer = caftrain::prepare_trainer(std::move(trainer));
+  // Resume from the run's latest checkpoint after a restart.
+  auto checkpoint = caftrain::train::get_checkpoint();
+  trainer.fit(model,
+              train->loader({.batch_size = config.get<int64_t>("batch_size"), .shuffle = true}),
+              val->loader({.batch_size = 256}), checkpoint ? checkpoint->path() : "");
+}
+
+int run_distributed(const Flags& flags) {
+  caf::actor_system_config cfg;
+  caftrain::init(cfg);
+  caf::actor_system sys{cfg};
+  caftrain::TorchTrainer trainer(
+    sys, train_func,
+    {.train_loop_config = {{"data", flags.data},
+                           {"epochs", flags.epochs},
+                           {"limit_train_batches", flags.limit_train_batches},
+                           {"limit_val_batches", flags.limit_val_batches},
+                           {"batch_size", flags.batch_size},
+                           {"output", flags.output}},
+     .scaling = {.num_workers = flags.workers, .use_gpu = false},
+     .run = {.name = "fashion_mnist_" + std::to_string(::getpid()),
+             .storage_path = flags.output,
+             .failure = {.max_failures = 3},
+             .checkpoint = {.num_to_keep = 3,
+                            .checkpoint_score_attribute = "val_accuracy",
+                            .checkpoint_score_order = "max"}}});
+  auto result = trainer.fit();
+  if (!result.ok()) {
+    std::cerr << "fashion_mnist: the run failed: " << result.error->message << std::endl;
+    return 1;
+  }
+  std::cout << "run: " << result.path << " (" << result.metrics_history.size() << " reports, "
+            << result.attempts << " attempt(s))\n";
+  for (auto& [name, value] : result.metrics)
+    std::cout << "  " << name << " = " << value << "\n";
+  std::cout << "checkpoint: " << result.checkpoint->path() << std::endl;
+  auto model = std::make_shared<ImageClassifier>();
+  caftrain::load_state_dict(*model, result.checkpoint->model_state_dict());
+  return finish(model, flags);
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
   auto flags = parse(argc, argv);
+  if (flags.workers < 0)
+    usage("--workers must be 0 (this process) or more");
   // libtorch may default to fewer threads than cores; use them all unless told otherwise.
+  // (Workers of a TorchTrainer set their own share: cores / workers.)
   torch::set_num_threads(flags.threads > 0 ? static_cast<int>(flags.threads)
                                            : static_cast<int>(std::thread::hardware_concurrency()));
   try {
-    auto train = caftrain::data::FashionMNIST::train(flags.data);
-    auto test = caftrain::data::FashionMNIST::test(flags.data);
-    auto model = caftrain::with_seed(0, [] { return std::make_shared<ImageClassifier>(); });
-    caftrain::Trainer trainer({.max_epochs = flags.epochs,
-                               .limit_train_batches = limit(flags.limit_train_batches),
-                               .limit_val_batches = limit(flags.limit_val_batches),
-                               .default_root_dir = flags.output});
-    trainer.fit(model, train->loader({.batch_size = flags.batch_size, .shuffle = true}),
-                test->loader({.batch_size = 256}));
-    auto results = trainer.test(model, test->loader({.batch_size = 256}));
-    auto weights = flags.output + "/resnet18.pt";
-    caftrain::save_state_dict(caftrain::state_dict(*model->model), weights);
-    std::cout << "test accuracy: " << results.front().at("test_accuracy") << "\n"
-              << "test loss: " << results.front().at("test_loss") << "\n"
-              << "weights: " << weights << "\n"
-              << "metrics: " << trainer.log_dir() << "/metrics.csv" << std::endl;
+    return flags.workers == 0 ? run_local(flags) : run_distributed(flags);
   } catch (const caftrain::Error& e) {
     std::cerr << "fashion_mnist: " << e.what() << std::endl;
     return 1;
   }
-  return 0;
 }
