@@ -27,6 +27,7 @@
 #include "environment/communicator.hpp"
 #include "environment/worker_context.hpp"
 #include "environment/gloo_communicator.hpp"
+#include "environment/local_communicator.hpp"
 #include "environment/store.hpp"
 #include "models/resnet.hpp"
 #include "strategies/ddp_strategy.hpp"

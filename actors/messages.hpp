@@ -43,6 +43,10 @@ using worker_exit_atom = caf::atom_constant<caf::atom("wexit")>;
 using report_timeout_atom = caf::atom_constant<caf::atom("rtimeout")>;
 /// (grace_atom, attempt): internal timer of a stopping attempt.
 using grace_atom = caf::atom_constant<caf::atom("grace")>;
+/// (tick_atom): a worker actor's periodic look at its thread's heartbeat.
+using tick_atom = caf::atom_constant<caf::atom("tick")>;
+/// (stalled_atom, rank, attempt, seconds): a worker's thread shows no progress.
+using stalled_atom = caf::atom_constant<caf::atom("stalled")>;
 /// (persist_atom, PersistRequest) -> Checkpoint: commits a checkpoint (persister actor).
 using persist_atom = caf::atom_constant<caf::atom("persist")>;
 

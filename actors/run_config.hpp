@@ -92,15 +92,28 @@ struct RunConfig {
   std::chrono::milliseconds report_timeout = std::chrono::minutes(10);
   /// Timeout of every collective and of rendezvous. Default 5 minutes.
   std::chrono::milliseconds collective_timeout = std::chrono::minutes(5);
+  /// A worker whose training shows no progress (a batch, a report) for this long is
+  /// declared failed. Default 10 minutes; 0 turns the check off.
+  std::chrono::milliseconds heartbeat_timeout = std::chrono::minutes(10);
   /// How long a stopping attempt's threads may take to exit before the next attempt
   /// starts anyway. Default 10 s.
   std::chrono::milliseconds stop_grace = std::chrono::seconds(10);
+};
+
+/// How the workers' process group is set up (Ray's TorchConfig).
+struct TorchConfig {
+  /// "auto" (default): "local" when every worker is a CPU thread of this process, "nccl"
+  /// for GPU workers; "local": shared-memory collectives between threads of one process;
+  /// "gloo": TCP between any ranks (what PyTorch DDP on CPU uses); "nccl": GPUs.
+  std::string backend = "auto";
 };
 
 /// Everything a TorchTrainer needs besides its train function (Ray's TorchTrainer args).
 struct TorchTrainerOptions {
   /// Handed to every worker's train_func (Ray's train_loop_config).
   Config train_loop_config = {};
+  /// The process group's backend.
+  TorchConfig torch_config = {};
   /// Workers and their resources.
   ScalingConfig scaling = {};
   /// Name, storage and policies.

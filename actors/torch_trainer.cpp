@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <ctime>
+#include <algorithm>
 #include <filesystem>
 #include <random>
 #include <thread>
@@ -62,6 +63,7 @@ void write_run_file(const RunSpec& spec) {
   nlohmann::json j = {
     {"name", spec.name},
     {"train_loop_config", config},
+    {"backend", o.torch_config.backend},
     {"num_workers", o.scaling.num_workers},
     {"use_gpu", o.scaling.use_gpu},
     {"cpus_per_worker", o.scaling.resources_per_worker.cpus},
@@ -78,8 +80,26 @@ void write_run_file(const RunSpec& spec) {
 
 } // namespace
 
+std::string resolve_backend(const TorchTrainerOptions& o) {
+  auto& b = o.torch_config.backend;
+  if (b != "auto")
+    return b;
+  return o.scaling.use_gpu ? "nccl" : "local";
+}
+
 void validate(const TorchTrainerOptions& o) {
   auto& s = o.scaling;
+  static const char* backends[] = {"auto", "local", "gloo", "nccl"};
+  auto& b = o.torch_config.backend;
+  if (std::find(std::begin(backends), std::end(backends), b) == std::end(backends))
+    refuse(Errc::invalid_config, "TorchConfig.backend '" + b +
+                                   "' is unknown; use \"auto\", \"local\", \"gloo\" or \"nccl\"");
+  if (b == "nccl" && !s.use_gpu)
+    refuse(Errc::invalid_config, "TorchConfig.backend \"nccl\" needs GPU workers; set "
+                                 "ScalingConfig.use_gpu = true or use \"gloo\"");
+  if (b == "local" && s.use_gpu)
+    refuse(Errc::invalid_config, "TorchConfig.backend \"local\" reduces CPU tensors; GPU "
+                                 "workers use \"nccl\" (or \"auto\")");
   if (s.num_workers < 1)
     refuse(Errc::invalid_config, "ScalingConfig.num_workers is " + std::to_string(s.num_workers) +
                                    "; a run needs at least 1 worker");
@@ -197,6 +217,7 @@ TorchTrainer TorchTrainer::restore(caf::actor_system& system, const std::string&
         config.set(k, v.get<std::string>());
     }
     o.train_loop_config = config;
+    o.torch_config.backend = j.value("backend", "auto");
     o.scaling.num_workers = j.at("num_workers").get<int64_t>();
     o.scaling.use_gpu = j.at("use_gpu").get<bool>();
     o.scaling.resources_per_worker.cpus = j.value("cpus_per_worker", 0.0);

@@ -82,4 +82,8 @@ class TorchTrainer {
 /// Checks `options` as the TorchTrainer constructor does (exposed for tests and tools).
 void validate(const TorchTrainerOptions& options);
 
+/// The backend "auto" stands for with these options: "local" for CPU workers of this
+/// process, "nccl" for GPU workers; any other choice is returned as given.
+std::string resolve_backend(const TorchTrainerOptions& options);
+
 } // namespace caftrain

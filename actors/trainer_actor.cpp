@@ -1,4 +1,5 @@
 #include "actors/trainer_actor.hpp"
+#include "actors/torch_trainer.hpp"
 
 #include <chrono>
 #include <cmath>
@@ -14,6 +15,7 @@
 
 #include "checkpoint/files.hpp"
 #include "core/error.hpp"
+#include "environment/local_communicator.hpp"
 #include "environment/store_protocol.hpp"
 
 namespace caftrain {
@@ -137,8 +139,13 @@ void launch_attempt(Self self, int64_t attempt) {
   auto threads = scaling.resources_per_worker.cpus > 0
                    ? static_cast<int64_t>(scaling.resources_per_worker.cpus)
                    : std::max<int64_t>(1, cores / n);
+  std::vector<std::shared_ptr<LocalCommunicator>> local;
+  if (n > 1 && resolve_backend(st.spec->options) == "local")
+    local = LocalCommunicator::create_group(static_cast<int>(n), run_config(self).collective_timeout);
   for (int64_t rank = 0; rank < n; ++rank) {
     WorkerSpec ws;
+    if (!local.empty())
+      ws.communicator = local[static_cast<size_t>(rank)];
     ws.run = st.spec;
     ws.trainer = self;
     ws.checkpoint = start;
@@ -369,6 +376,19 @@ caf::response_promise on_report(Self self, WorkerReport& r) {
   round.reports[rank] = std::move(r);
   round.promises.push_back(rp);
   ++round.arrived;
+  // A rank that already returned from train_func will never make this report.
+  for (auto done : st.succeeded) {
+    if (!round.reports[static_cast<size_t>(done)]) {
+      worker_failed(self, RunError{Errc::rank_mismatch,
+                                   "rank " + std::to_string(done) +
+                                     " returned from train_func without report #" +
+                                     std::to_string(index) +
+                                     " that other ranks made; every rank must call "
+                                     "train::report the same number of times",
+                                   done, st.attempt});
+      return rp;
+    }
+  }
   if (round.arrived == n && index == st.next_index)
     complete_round(self, index);
   return rp;
@@ -545,6 +565,15 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
     // -- workers --
     [=](report_atom, WorkerReport& r) { return on_report(self, r); },
     [=](worker_exit_atom, const WorkerExit& exit) { on_worker_exit(self, exit); },
+    [=](stalled_atom, int64_t rank, int64_t attempt, double seconds) {
+      if (attempt != self->state.attempt || !self->state.running.count(rank))
+        return;
+      worker_failed(self, RunError{Errc::worker_failed,
+                                   "rank " + std::to_string(rank) + " made no progress for " +
+                                     std::to_string(static_cast<int64_t>(seconds)) +
+                                     " s (heartbeat missed; RunConfig.heartbeat_timeout)",
+                                   rank, attempt});
+    },
     [=](report_timeout_atom, int64_t attempt, int64_t index) {
       on_report_timeout(self, attempt, index);
     },
@@ -609,8 +638,17 @@ caf::behavior persister_actor(caf::event_based_actor* self) {
     [=](persist_atom, PersistRequest& req) -> caf::result<Checkpoint> {
       try {
         CheckpointWriter writer(req.final_path);
-        for (auto& src : req.sources)
+        for (auto& src : req.sources) {
+          auto state = fs::path(src) / "trainer_state.json";
+          std::error_code ec;
+          if (req.metadata.strategy.empty() && fs::exists(state, ec)) {
+            auto bytes = read_file(state.string());
+            auto j = nlohmann::json::parse(bytes.begin(), bytes.end(), nullptr, false);
+            if (j.is_object())
+              req.metadata.strategy = j.value("strategy", "");
+          }
           writer.move_directory(src);
+        }
         return writer.commit(req.metadata);
       } catch (const Error& e) {
         return make_caf_error(e.code(), e.what());

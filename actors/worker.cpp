@@ -1,6 +1,9 @@
 #include "actors/worker.hpp"
 
+#include <unistd.h>
+
 #include <atomic>
+#include <filesystem>
 #include <list>
 #include <mutex>
 #include <thread>
@@ -11,6 +14,7 @@
 #include "actors/messages.hpp"
 #include "core/error.hpp"
 #include "environment/actor_store.hpp"
+#include "checkpoint/files.hpp"
 #include "environment/gloo_communicator.hpp"
 #include "train/session.hpp"
 
@@ -48,11 +52,58 @@ class ActorSession : public Session {
     return spec_.run->options.train_loop_config;
   }
 
+  void heartbeat() override {
+    last_beat_.store(std::chrono::steady_clock::now().time_since_epoch().count());
+  }
+
+  /// Time since the training thread last showed progress.
+  std::chrono::milliseconds since_heartbeat() const {
+    auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::duration(now - last_beat_.load()));
+  }
+
+  void report_snapshot(const Metrics& metrics, std::map<std::string, std::vector<char>> files,
+                       bool wait) override {
+    heartbeat();
+    flush(); // one background report at a time; its failure surfaces here
+    if (wait)
+      return report_files(metrics, files);
+    std::lock_guard<std::mutex> guard(reporter_mtx_);
+    reporter_ = std::thread([this, metrics, files = std::move(files)] {
+      try {
+        report_files(metrics, files);
+      } catch (...) {
+        std::lock_guard<std::mutex> guard(reporter_mtx_);
+        reporter_error_ = std::current_exception();
+      }
+    });
+  }
+
+  void flush() override {
+    std::exception_ptr error;
+    {
+      std::lock_guard<std::mutex> guard(reporter_mtx_);
+      if (reporter_.joinable())
+        reporter_.join();
+      std::swap(error, reporter_error_);
+    }
+    if (error)
+      std::rethrow_exception(error);
+  }
+
+  ~ActorSession() override {
+    std::lock_guard<std::mutex> guard(reporter_mtx_);
+    if (reporter_.joinable())
+      reporter_.join();
+  }
+
   std::optional<Checkpoint> latest_checkpoint() const override {
     return spec_.checkpoint;
   }
 
   void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint) override {
+    heartbeat();
     if (stop_requested())
       throw Error(Errc::cancelled, "train::report after the attempt was stopped: " + stop_reason());
     WorkerReport r;
@@ -74,11 +125,41 @@ class ActorSession : public Session {
                });
   }
 
+  /// Writes `files` into a staging directory beside the run's checkpoints (same file
+  /// system: the persister moves them) and reports it.
+  void report_files(const Metrics& metrics, const std::map<std::string, std::vector<char>>& files) {
+    if (files.empty())
+      return report(metrics, std::nullopt);
+    static std::atomic<uint64_t> counter{0};
+    auto& ctx = spec_.context;
+    auto dir = std::filesystem::path(ctx.run_dir) / ".staging" /
+               ("a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank) + "-" +
+                std::to_string(::getpid()) + "-" + std::to_string(counter++));
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec)
+      throw Error(Errc::io_error, "cannot create checkpoint staging directory '" + dir.string() +
+                                    "': " + ec.message());
+    for (auto& [name, bytes] : files) {
+      auto path = dir / name;
+      std::filesystem::create_directories(path.parent_path(), ec);
+      write_file_atomic(path.string(), bytes);
+    }
+    report(metrics, Checkpoint::from_directory(dir.string()));
+  }
+
   /// Rendezvous of this attempt's communicator (world_size > 1).
   void connect() {
     auto& ctx = spec_.context;
     if (ctx.world_size <= 1)
       return;
+    if (spec_.communicator) {
+      std::lock_guard<std::mutex> guard(mtx_);
+      communicator_ = spec_.communicator;
+      if (stop_.load())
+        communicator_->close();
+      return;
+    }
     auto store = std::make_shared<PrefixStore>("attempt_" + std::to_string(ctx.attempt),
                                                std::make_shared<ActorStore>(sys_, spec_.trainer));
     GlooOptions options;
@@ -132,11 +213,18 @@ class ActorSession : public Session {
   std::shared_ptr<Communicator> communicator_;
   std::atomic<bool> stop_{false};
   std::string stop_reason_;
+  std::atomic<int64_t> last_beat_{std::chrono::steady_clock::now().time_since_epoch().count()};
+  std::mutex reporter_mtx_;
+  std::thread reporter_;
+  std::exception_ptr reporter_error_;
 };
 
 // -- the threads ----------------------------------------------------------------------------
 
 namespace {
+
+/// How often a worker actor looks at its thread's heartbeat.
+constexpr auto kTick = std::chrono::milliseconds(250);
 
 /// Every training thread of this process, by run, so that a finished run's threads are
 /// joined (not left running while the program exits).
@@ -221,6 +309,7 @@ void train_thread(std::shared_ptr<ActorSession> session, std::shared_ptr<std::at
     try {
       session->connect();
       spec.run->train_func(spec.run->options.train_loop_config);
+      session->flush(); // background reports count before the rank is done
     } catch (const Error& e) {
       fail(e.code(), e.what());
     } catch (const c10::Error& e) {
@@ -229,6 +318,13 @@ void train_thread(std::shared_ptr<ActorSession> session, std::shared_ptr<std::at
       fail(Errc::worker_failed, e.what());
     } catch (...) {
       fail(Errc::worker_failed, "train_func threw a non-standard exception");
+    }
+    if (exit.failed) {
+      try {
+        session->flush();
+      } catch (...) {
+        // the failure already recorded is the cause
+      }
     }
     // Tell the trainer first, so that the cause of a failure reaches it before the
     // aborts its peers see once this rank's communicator closes.
@@ -251,8 +347,24 @@ caf::behavior worker_actor(caf::stateful_actor<WorkerState>* self, WorkerSpec sp
   });
   auto done = std::make_shared<std::atomic<bool>>(false);
   registry().add(run, std::thread(train_thread, session, done), done);
+  auto heartbeat = session->spec().run->options.run.heartbeat_timeout;
+  if (heartbeat.count() > 0)
+    self->delayed_send(self, kTick, tick_atom::value);
   return {
     [=](status_atom) { return self->state.session->context().world_rank; },
+    [=](tick_atom) {
+      auto& s = *self->state.session;
+      if (done->load())
+        return;
+      auto silent = s.since_heartbeat();
+      if (silent > heartbeat) {
+        auto& ctx = s.context();
+        self->send(s.spec().trainer, stalled_atom::value, ctx.world_rank, ctx.attempt,
+                   std::chrono::duration<double>(silent).count());
+        return; // reported once; the trainer stops the attempt
+      }
+      self->delayed_send(self, kTick, tick_atom::value);
+    },
   };
 }
 

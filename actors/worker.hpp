@@ -37,6 +37,9 @@ struct WorkerSpec {
   std::optional<Checkpoint> checkpoint;
   /// Index the rank's first report gets.
   int64_t first_report_index = 0;
+  /// The attempt's communicator when the trainer made it (local backend); otherwise the
+  /// worker rendezvouses a gloo communicator through the trainer's store.
+  std::shared_ptr<Communicator> communicator;
 };
 
 struct WorkerState {

@@ -1,11 +1,5 @@
 #include "callbacks/report_callback.hpp"
 
-#include <unistd.h>
-
-#include <atomic>
-#include <filesystem>
-
-#include "checkpoint/files.hpp"
 #include "core/error.hpp"
 #include "train/session.hpp"
 #include "train/trainer.hpp"
@@ -13,10 +7,8 @@
 
 namespace caftrain {
 
-namespace fs = std::filesystem;
-
 ReportCallback::ReportCallback(ReportOptions options) : options_(std::move(options)) {
-  if (options_.every_n_epochs < 0 || options_.every_n_steps < 0)
+  if (options_.every_n_epochs < 0 || options_.every_n_steps < 0 || options_.checkpoint_every < 0)
     throw Error(Errc::invalid_config, "ReportCallback: every_n_epochs and every_n_steps must not "
                                       "be negative");
 }
@@ -56,32 +48,12 @@ void ReportCallback::report(Trainer& trainer) {
   }
   metrics["epoch"] = static_cast<double>(trainer.current_epoch());
   metrics["step"] = static_cast<double>(trainer.global_step());
-  if (!options_.checkpoint) {
-    session.report(metrics, std::nullopt);
-    return;
-  }
-  auto files = checkpoint_files(trainer); // collective for sharded strategies
-  if (files.empty()) {
-    session.report(metrics, std::nullopt);
-    return;
-  }
-  // Stage beside the run's checkpoints (same file system: the trainer moves, not copies).
-  static std::atomic<uint64_t> counter{0};
-  auto& ctx = session.context();
-  auto dir = fs::path(ctx.run_dir) / ".staging" /
-             ("a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank) + "-" +
-              std::to_string(::getpid()) + "-" + std::to_string(counter++));
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec)
-    throw Error(Errc::io_error, "cannot create checkpoint staging directory '" + dir.string() +
-                                  "': " + ec.message());
-  for (auto& [name, bytes] : files) {
-    auto path = dir / name;
-    fs::create_directories(path.parent_path(), ec);
-    write_file_atomic(path.string(), bytes);
-  }
-  session.report(metrics, Checkpoint::from_directory(dir.string()));
+  bool with_checkpoint = options_.checkpoint && options_.checkpoint_every > 0 &&
+                         reports_++ % options_.checkpoint_every == 0;
+  std::map<std::string, std::vector<char>> files;
+  if (with_checkpoint)
+    files = checkpoint_files(trainer); // the snapshot; collective for sharded strategies
+  session.report_snapshot(metrics, std::move(files), !options_.async_checkpoint);
 }
 
 } // namespace caftrain

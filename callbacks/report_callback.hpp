@@ -16,8 +16,13 @@ struct ReportOptions {
   /// Also report every N optimizer steps (at the end of the step's batch); 0: never.
   /// Default 0.
   int64_t every_n_steps = 0;
-  /// Attach a checkpoint of the fit to every report. Default true.
+  /// Attach a checkpoint of the fit to reports. Default true.
   bool checkpoint = true;
+  /// With `checkpoint`: attach one to every N-th report only. Default 1 (every report).
+  int64_t checkpoint_every = 1;
+  /// Write checkpoints on a background thread while training goes on; the report
+  /// completes once the checkpoint is durable. Default false (Ray's blocking report).
+  bool async_checkpoint = false;
   /// Metrics to report; empty (default) reports every callback metric.
   std::vector<std::string> metrics = {};
 };
@@ -41,6 +46,7 @@ class ReportCallback : public Callback {
  private:
   ReportOptions options_;
   int64_t last_reported_step_ = -1;
+  int64_t reports_ = 0;
 };
 
 } // namespace caftrain

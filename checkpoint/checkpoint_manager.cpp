@@ -40,19 +40,32 @@ bool CheckpointManager::better(const Metrics& a, const Metrics& b) const {
 void CheckpointManager::register_checkpoint(const Checkpoint& checkpoint, const Metrics& metrics) {
   check_metrics(metrics);
   kept_.emplace_back(checkpoint, metrics);
-  if (!policy_.num_to_keep || static_cast<int64_t>(kept_.size()) <= *policy_.num_to_keep)
+  if (!policy_.num_to_keep)
     return;
-  // Drop the worst (or oldest) one that is not the latest.
-  size_t victim = 0;
-  if (!policy_.score_attribute.empty()) {
-    for (size_t i = 1; i + 1 < kept_.size(); ++i)
-      if (better(kept_[victim].second, kept_[i].second))
-        victim = i;
+  auto k = static_cast<size_t>(*policy_.num_to_keep);
+  // Keep the best k (by score, else the most recent k) plus the latest.
+  std::vector<size_t> order(kept_.size());
+  for (size_t i = 0; i < order.size(); ++i)
+    order[i] = i;
+  if (policy_.score_attribute.empty())
+    std::reverse(order.begin(), order.end());
+  else
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return better(kept_[a].second, kept_[b].second); });
+  std::vector<bool> keep(kept_.size(), false);
+  for (size_t i = 0; i < order.size() && i < k; ++i)
+    keep[order[i]] = true;
+  keep.back() = true;
+  std::vector<std::pair<Checkpoint, Metrics>> survivors;
+  for (size_t i = 0; i < kept_.size(); ++i) {
+    if (keep[i]) {
+      survivors.push_back(std::move(kept_[i]));
+    } else {
+      std::error_code ec;
+      fs::remove_all(kept_[i].first.path(), ec);
+    }
   }
-  auto path = kept_[victim].first.path();
-  kept_.erase(kept_.begin() + static_cast<ptrdiff_t>(victim));
-  std::error_code ec;
-  fs::remove_all(path, ec);
+  kept_ = std::move(survivors);
 }
 
 void CheckpointManager::adopt(const std::vector<std::pair<Checkpoint, Metrics>>& existing) {

@@ -22,8 +22,9 @@ struct RetentionPolicy {
 };
 
 /// Keeps the best `num_to_keep` checkpoints by score (or the most recent ones without a
-/// score attribute) and always the latest, so that a restart never goes back further than
-/// it must. Checkpoints it drops are deleted from disk. Registration order is report order.
+/// score attribute) and, besides them, always the latest, so that a restart never goes
+/// back further than it must: at most num_to_keep + 1 are on disk. Checkpoints it drops are
+/// deleted from disk. Registration order is report order.
 class CheckpointManager {
  public:
   /// Throws `Error(invalid_config)` for num_to_keep < 1 or an unknown order.

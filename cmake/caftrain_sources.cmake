@@ -22,6 +22,7 @@ set(CAFTRAIN_SOURCES
   environment/cluster_environment.cpp
   environment/communicator.cpp
   environment/gloo_communicator.cpp
+  environment/local_communicator.cpp
   environment/store.cpp
   environment/worker_context.cpp
   # strategies

@@ -54,6 +54,7 @@ std::string ActorEnvironment::device() const {
 
 void ActorEnvironment::check_stop() const {
   auto& w = worker();
+  w.heartbeat();
   if (w.stop_requested())
     throw Error(Errc::cancelled, "this attempt was stopped by the trainer: " + w.stop_reason());
 }

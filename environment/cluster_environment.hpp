@@ -35,7 +35,8 @@ class ClusterEnvironment {
   }
 
   /// Throws `Error(cancelled)` when the run this process belongs to was stopped; the
-  /// Trainer calls it before every batch so that a stopped worker ends promptly.
+  /// Trainer calls it before every batch so that a stopped worker ends promptly (and a
+  /// running one shows it makes progress).
   virtual void check_stop() const {}
 
   /// True for environments created by a caftrain worker (the `TorchTrainer` path).

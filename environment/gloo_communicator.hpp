@@ -29,6 +29,7 @@ enum class GlooAllreduceAlgorithm {
   bcube,
 };
 
+/// The enumerator's name, e.g. "ring".
 const char* to_string(GlooAllreduceAlgorithm algorithm);
 
 /// The algorithm `GlooCommunicator::allreduce` uses for `bytes` over `size` ranks.

@@ -51,6 +51,10 @@ class WorkerRuntime {
 
   /// Why the attempt was stopped.
   virtual std::string stop_reason() const = 0;
+
+  /// Records that training is making progress (the Trainer calls it every batch); a
+  /// worker without progress for RunConfig.heartbeat_timeout is declared failed.
+  virtual void heartbeat() = 0;
 };
 
 /// The worker the calling thread trains for, or null outside a TorchTrainer worker.

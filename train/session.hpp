@@ -1,7 +1,10 @@
 // The worker-side session of a TorchTrainer run: report, get_checkpoint, get_context.
 #pragma once
 
+#include <map>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "checkpoint/checkpoint.hpp"
 #include "core/config.hpp"
@@ -16,6 +19,17 @@ class Session : public WorkerRuntime {
   /// Reports `metrics` (and optionally this rank's checkpoint directory); returns once the
   /// report is complete on every rank and its checkpoint is persisted.
   virtual void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint) = 0;
+
+  /// Writes `files` (name -> bytes: this rank's part of a checkpoint, possibly none) into
+  /// a staging directory of the run and reports them with `metrics`. With `wait` false
+  /// the write and the report run on a background thread, one at a time and in order, and
+  /// training goes on (the report still counts only once the checkpoint is durable); a
+  /// failure of it surfaces at the next report or when train_func returns.
+  virtual void report_snapshot(const Metrics& metrics, std::map<std::string, std::vector<char>> files,
+                               bool wait) = 0;
+
+  /// Waits for background reports; rethrows the failure of one.
+  virtual void flush() = 0;
 
   /// The checkpoint this attempt started from, if any.
   virtual std::optional<Checkpoint> latest_checkpoint() const = 0;
