@@ -10,6 +10,7 @@
 #include "callbacks/early_stopping.hpp"
 #include "callbacks/logger.hpp"
 #include "callbacks/lr_monitor.hpp"
+#include "callbacks/model_checkpoint.hpp"
 #include "callbacks/progress_bar.hpp"
 #include "callbacks/report_callback.hpp"
 #include "checkpoint/checkpoint.hpp"
@@ -36,4 +37,5 @@
 #include "train/lr_scheduler.hpp"
 #include "train/prepare_trainer.hpp"
 #include "train/session.hpp"
+#include "train/trainer_state.hpp"
 #include "train/trainer.hpp"

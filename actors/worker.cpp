@@ -81,11 +81,16 @@ class ActorSession : public Session {
   }
 
   void flush() override {
+    std::thread reporter;
+    {
+      std::lock_guard<std::mutex> guard(reporter_mtx_);
+      reporter = std::move(reporter_);
+    }
+    if (reporter.joinable())
+      reporter.join(); // without the lock: the reporter takes it to store its failure
     std::exception_ptr error;
     {
       std::lock_guard<std::mutex> guard(reporter_mtx_);
-      if (reporter_.joinable())
-        reporter_.join();
       std::swap(error, reporter_error_);
     }
     if (error)
@@ -93,9 +98,13 @@ class ActorSession : public Session {
   }
 
   ~ActorSession() override {
-    std::lock_guard<std::mutex> guard(reporter_mtx_);
-    if (reporter_.joinable())
-      reporter_.join();
+    std::thread reporter;
+    {
+      std::lock_guard<std::mutex> guard(reporter_mtx_);
+      reporter = std::move(reporter_);
+    }
+    if (reporter.joinable())
+      reporter.join();
   }
 
   std::optional<Checkpoint> latest_checkpoint() const override {
@@ -319,17 +328,15 @@ void train_thread(std::shared_ptr<ActorSession> session, std::shared_ptr<std::at
     } catch (...) {
       fail(Errc::worker_failed, "train_func threw a non-standard exception");
     }
-    if (exit.failed) {
-      try {
-        session->flush();
-      } catch (...) {
-        // the failure already recorded is the cause
-      }
-    }
     // Tell the trainer first, so that the cause of a failure reaches it before the
     // aborts its peers see once this rank's communicator closes.
     caf::anon_send(trainer, worker_exit_atom::value, exit);
     session->close_communicator(); // wakes peers still waiting on this rank
+    try {
+      session->flush(); // a background report still in flight ends once the trainer stops it
+    } catch (...) {
+      // the failure already sent is the cause
+    }
     session.reset();
   }
   trainer = nullptr;

@@ -49,7 +49,7 @@ void ReportCallback::report(Trainer& trainer) {
   metrics["epoch"] = static_cast<double>(trainer.current_epoch());
   metrics["step"] = static_cast<double>(trainer.global_step());
   bool with_checkpoint = options_.checkpoint && options_.checkpoint_every > 0 &&
-                         reports_++ % options_.checkpoint_every == 0;
+                         ++reports_ % options_.checkpoint_every == 0;
   std::map<std::string, std::vector<char>> files;
   if (with_checkpoint)
     files = checkpoint_files(trainer); // the snapshot; collective for sharded strategies

@@ -18,7 +18,8 @@ struct ReportOptions {
   int64_t every_n_steps = 0;
   /// Attach a checkpoint of the fit to reports. Default true.
   bool checkpoint = true;
-  /// With `checkpoint`: attach one to every N-th report only. Default 1 (every report).
+  /// With `checkpoint`: attach one to every N-th report only (the N-th, 2N-th, ...).
+  /// Default 1 (every report).
   int64_t checkpoint_every = 1;
   /// Write checkpoints on a background thread while training goes on; the report
   /// completes once the checkpoint is durable. Default false (Ray's blocking report).

@@ -113,6 +113,16 @@ bool Checkpoint::has_file(const std::string& name) const {
 }
 
 void Checkpoint::validate() const {
+  if (!committed_)
+    corrupt(path_, "is not committed (it has no metadata)");
+  auto meta = (fs::path(path_) / kMetadataFile).string();
+  std::error_code ec;
+  if (!fs::is_regular_file(meta, ec))
+    corrupt(path_, std::string(kMetadataFile) + " is missing");
+  auto bytes = read_file(meta);
+  auto current = metadata_from_json(std::string(bytes.begin(), bytes.end()), path_);
+  if (current.files.size() != metadata_.files.size() || current.report_index != metadata_.report_index)
+    corrupt(path_, std::string(kMetadataFile) + " changed since the checkpoint was opened");
   for (auto& [name, digest] : metadata_.files) {
     auto p = file(name);
     std::error_code ec;

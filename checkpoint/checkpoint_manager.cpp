@@ -10,7 +10,7 @@ namespace caftrain {
 namespace fs = std::filesystem;
 
 CheckpointManager::CheckpointManager(RetentionPolicy policy) : policy_(std::move(policy)) {
-  if (policy_.num_to_keep && *policy_.num_to_keep < 1)
+  if (policy_.num_to_keep && *policy_.num_to_keep < (policy_.keep_latest ? 1 : 0))
     throw Error(Errc::invalid_config, "CheckpointConfig.num_to_keep is " +
                                         std::to_string(*policy_.num_to_keep) +
                                         "; keep at least 1 or leave it unset to keep all");
@@ -55,7 +55,8 @@ void CheckpointManager::register_checkpoint(const Checkpoint& checkpoint, const 
   std::vector<bool> keep(kept_.size(), false);
   for (size_t i = 0; i < order.size() && i < k; ++i)
     keep[order[i]] = true;
-  keep.back() = true;
+  if (policy_.keep_latest)
+    keep.back() = true;
   std::vector<std::pair<Checkpoint, Metrics>> survivors;
   for (size_t i = 0; i < kept_.size(); ++i) {
     if (keep[i]) {

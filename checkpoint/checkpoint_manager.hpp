@@ -19,6 +19,9 @@ struct RetentionPolicy {
   std::string score_attribute = "";
   /// "max" or "min".
   std::string score_order = "max";
+  /// Keep the latest checkpoint besides the best ones. Default true (a restart then
+  /// never goes back further than it must).
+  bool keep_latest = true;
 };
 
 /// Keeps the best `num_to_keep` checkpoints by score (or the most recent ones without a

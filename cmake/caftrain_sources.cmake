@@ -34,6 +34,7 @@ set(CAFTRAIN_SOURCES
   callbacks/csv_logger.cpp
   callbacks/early_stopping.cpp
   callbacks/lr_monitor.cpp
+  callbacks/model_checkpoint.cpp
   callbacks/progress_bar.cpp
   callbacks/report_callback.cpp
   # train: the Lightning-style loop

@@ -15,6 +15,10 @@
 #include <gloo/transport/unbound_buffer.h>
 #include <gloo/types.h>
 
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+
 #include <algorithm>
 #include <cctype>
 #include <condition_variable>
@@ -132,6 +136,42 @@ T* typed(const at::Tensor& tensor) {
   return static_cast<T*>(tensor.data_ptr());
 }
 
+// -- signals --------------------------------------------------------------------------
+
+/// Blocks SIGPIPE in the calling thread while alive, and in every thread it starts
+/// meanwhile. gloo writes to its sockets with writev, which raises SIGPIPE when the peer
+/// has reset the connection, and SIGPIPE kills the process by default. Blocked in the
+/// threads that write (gloo's network thread and our communication thread, both started
+/// in `create`), the write fails with EPIPE and the collective with an error instead,
+/// and the process's signal disposition stays the caller's.
+class SigpipeBlocked {
+ public:
+  SigpipeBlocked() {
+    sigemptyset(&sigpipe_);
+    sigaddset(&sigpipe_, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &sigpipe_, &previous_);
+  }
+
+  ~SigpipeBlocked() {
+    // A SIGPIPE raised in this thread meanwhile is pending: consume it, or restoring the
+    // mask would deliver it.
+    sigset_t pending;
+    sigpending(&pending);
+    if (sigismember(&pending, SIGPIPE) == 1) {
+      timespec zero{0, 0};
+      sigtimedwait(&sigpipe_, nullptr, &zero);
+    }
+    pthread_sigmask(SIG_SETMASK, &previous_, nullptr);
+  }
+
+  SigpipeBlocked(const SigpipeBlocked&) = delete;
+  SigpipeBlocked& operator=(const SigpipeBlocked&) = delete;
+
+ private:
+  sigset_t sigpipe_;
+  sigset_t previous_;
+};
+
 // -- rendezvous -----------------------------------------------------------------------
 
 /// Our `Store` as gloo's rendezvous store. gloo's `get` and `wait(keys)` carry no
@@ -193,6 +233,18 @@ class GlooWork : public Work {
   void wait(std::chrono::milliseconds timeout) override {
     if (timeout.count() <= 0)
       timeout = timeout_;
+    // A waiter whose work is next in line runs it on its own thread: the hand-over to the
+    // communication thread costs a wake-up, which on a busy machine is milliseconds. Not
+    // with a timeout shorter than the collective's own: gloo would block past it.
+    if (timeout >= timeout_) {
+      std::function<void(GlooWork*)> run_inline;
+      {
+        std::lock_guard<std::mutex> guard(mtx_);
+        run_inline = std::move(inline_);
+      }
+      if (run_inline)
+        run_inline(this);
+    }
     std::unique_lock<std::mutex> guard(mtx_);
     if (!cv_.wait_for(guard, timeout, [this] { return done_; }))
       throw Error(Errc::collective_timeout,
@@ -239,7 +291,14 @@ class GlooWork : public Work {
   /// gloo tag: the collective's sequence number, the same on every rank.
   const uint32_t tag;
 
+  /// Makes `wait` run this work on the caller's thread when it is next in line.
+  void set_inline(std::function<void(GlooWork*)> fn) {
+    std::lock_guard<std::mutex> guard(mtx_);
+    inline_ = std::move(fn);
+  }
+
  private:
+  std::function<void(GlooWork*)> inline_;
   const std::chrono::milliseconds timeout_;
   mutable std::mutex mtx_;
   std::condition_variable cv_;
@@ -297,6 +356,8 @@ struct GlooCommunicator::State {
   bool stop = false;
   bool thread_exited = false;
   std::thread thread;
+  /// This state itself, for the inline runner of each work (set by `create`).
+  std::weak_ptr<State> self;
 
   // -- issuing ----------------------------------------------------------------------
 
@@ -315,11 +376,37 @@ struct GlooCommunicator::State {
       else
         queue.push_back(work);
     }
-    if (refused)
+    if (refused) {
       work->complete(refused);
-    else
+    } else {
+      std::weak_ptr<State> weak = self;
+      work->set_inline([weak](GlooWork* w) {
+        if (auto state = weak.lock())
+          state->run_inline(w);
+      });
       cv.notify_all();
+    }
     return work;
+  }
+
+  /// Runs `work` on the calling thread when it is at the head of the queue and nothing
+  /// runs (so issue order holds); otherwise leaves it to the communication thread.
+  void run_inline(GlooWork* w) {
+    std::shared_ptr<GlooWork> work;
+    {
+      std::lock_guard<std::mutex> guard(mtx);
+      if (running || queue.empty() || queue.front().get() != w)
+        return;
+      work = std::move(queue.front());
+      queue.pop_front();
+      running = work;
+    }
+    execute(*work);
+    {
+      std::lock_guard<std::mutex> guard(mtx);
+      running.reset();
+    }
+    cv.notify_all(); // the communication thread may wait for `running` to clear
   }
 
   std::exception_ptr refusal(const GlooWork& work) const {
@@ -335,7 +422,7 @@ struct GlooCommunicator::State {
       std::shared_ptr<GlooWork> work;
       {
         std::unique_lock<std::mutex> guard(mtx);
-        cv.wait(guard, [this] { return stop || !queue.empty(); });
+        cv.wait(guard, [this] { return stop || (!queue.empty() && !running); });
         if (queue.empty())
           break;
         work = std::move(queue.front());
@@ -509,6 +596,7 @@ std::shared_ptr<GlooCommunicator> GlooCommunicator::create(std::shared_ptr<Store
   if (options.timeout.count() <= 0)
     throw Error(Errc::invalid_argument,
                 "GlooOptions::timeout is " + ms(options.timeout) + "; it must be positive");
+  SigpipeBlocked sigpipe_blocked; // inherited by the threads started below
   std::shared_ptr<gloo::transport::Device> device;
   try {
     gloo::transport::tcp::attr attr;
@@ -530,6 +618,7 @@ std::shared_ptr<GlooCommunicator> GlooCommunicator::create(std::shared_ptr<Store
                   " (did every rank start, with the same store prefix?): " + e.what());
   }
   auto state = std::make_shared<State>(std::move(context), options.timeout);
+  state->self = state;
   state->thread = std::thread([state] { state->run(); });
   return std::shared_ptr<GlooCommunicator>(new GlooCommunicator(std::move(state)));
 }

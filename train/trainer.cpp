@@ -319,6 +319,7 @@ void run_train_epoch(Impl& s) {
   s.resume_batch = 0;
   s.batches_done = first;
   s.epoch_finished = false;
+  s.epoch_schedulers_stepped = false;
   for (int64_t i = first; i < n; ++i) {
     s.batch_idx = i;
     s.environment->check_stop();
@@ -370,6 +371,7 @@ void run_train_epoch(Impl& s) {
   each(cbs, [&](Callback& cb) { cb.on_train_epoch_end(t, module); });
   log_to_loggers(s, s.collector.epoch_metrics(LogScope::train, /*for_logger=*/true));
   step_schedulers(s, Interval::epoch, s.epoch + 1);
+  s.epoch_schedulers_stepped = true;
 }
 
 void finalize_loggers(Impl& s, const std::string& status) {

@@ -60,6 +60,8 @@ struct Trainer::Impl {
   /// True from the end of an epoch's last batch until the next epoch starts; a
   /// checkpoint taken then resumes at the next epoch.
   bool epoch_finished = false;
+  /// True once the epoch-interval schedulers stepped for the finished epoch.
+  bool epoch_schedulers_stepped = false;
   /// Micro-batches since the last optimizer step (gradient accumulation).
   int64_t accumulated = 0;
   int64_t num_training_batches = 0;

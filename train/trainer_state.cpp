@@ -70,9 +70,16 @@ json trainer_state(Trainer& trainer) {
   // batch whose step completed.
   int64_t resume_epoch = s.epoch_finished ? s.epoch + 1 : s.epoch;
   int64_t resume_batch = s.epoch_finished ? 0 : s.batches_done;
+  // Saved at an epoch's end (in on_train_epoch_end), the epoch-interval schedulers have
+  // not stepped yet; the resumed fit starts after that step, so count it.
   json schedulers = json::array();
-  for (auto& sc : s.schedulers)
-    schedulers.push_back(sc.scheduler->last_epoch());
+  for (auto& sc : s.schedulers) {
+    auto count = sc.scheduler->last_epoch();
+    if (s.epoch_finished && !s.epoch_schedulers_stepped && sc.interval == Interval::epoch &&
+        (s.epoch + 1) % std::max<int64_t>(sc.frequency, 1) == 0)
+      ++count;
+    schedulers.push_back(count);
+  }
   json callbacks = json::object();
   for (auto& cb : s.callbacks) {
     auto state = cb->state_dict();

@@ -1,0 +1,209 @@
+// Failures and restarts: a run that loses a worker finishes as if it had not.
+#include <catch2/catch.hpp>
+
+#include <caf/all.hpp>
+
+#include <atomic>
+#include <chrono>
+
+#include "helpers.hpp"
+
+using namespace caftrain;
+using Catch::Matchers::Contains;
+
+namespace {
+
+struct System {
+  System() : sys(init_cfg(cfg)) {}
+  static caf::actor_system_config& init_cfg(caf::actor_system_config& cfg) {
+    init(cfg);
+    return cfg;
+  }
+  caf::actor_system_config cfg;
+  caf::actor_system sys;
+};
+
+class Classifier : public LightningModule {
+ public:
+  Classifier() {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+    fc2 = register_module("fc2", torch::nn::Linear(16, 3));
+  }
+  at::Tensor training_step(const Batch& batch, int64_t) override {
+    auto loss = torch::nn::functional::cross_entropy(fc2->forward(torch::relu(fc1->forward(batch.data))),
+                                                     batch.target);
+    log("loss", loss);
+    return loss;
+  }
+  Optimizers configure_optimizers() override {
+    auto opt = std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-2));
+    return {opt, {std::make_shared<StepLR>(opt, 4, 0.5), Interval::step}};
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+
+/// Throws on `rank` at global step `step` while the attempt is below `attempts`.
+class Injector : public Callback {
+ public:
+  Injector(int64_t rank, int64_t step, int64_t attempts)
+    : rank_(rank), step_(step), attempts_(attempts) {}
+  void on_train_batch_start(Trainer& t, LightningModule&, const Batch&, int64_t) override {
+    auto& ctx = train::get_context();
+    if (ctx.world_rank == rank_ && ctx.attempt < attempts_ && t.global_step() == step_)
+      throw std::runtime_error("injected failure at step " + std::to_string(step_) + " of attempt " +
+                               std::to_string(ctx.attempt));
+  }
+
+ private:
+  int64_t rank_, step_, attempts_;
+};
+
+/// 2 epochs of 6 steps on each of 2 ranks; a report every step, a checkpoint every third.
+void train_func(const Config& c) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  auto data = std::make_shared<data::TensorDataset>(torch::randn({192, 8}, gen),
+                                                    torch::randint(0, 3, {192}, gen));
+  auto model = with_seed(0, [] { return std::make_shared<Classifier>(); });
+  Trainer trainer({.max_epochs = 2,
+                   .strategy = DDPStrategy(),
+                   .plugins = {ActorEnvironment()},
+                   .callbacks = {Injector(c.get<int64_t>("fail_rank"), c.get<int64_t>("fail_step"),
+                                          c.get<int64_t>("fail_attempts")),
+                                 ReportCallback({.every_n_epochs = 0,
+                                                 .every_n_steps = 1,
+                                                 .checkpoint_every = 3,
+                                                 .async_checkpoint = c.get<bool>("async", false)})},
+                   .logger = false,
+                   .enable_progress_bar = false});
+  trainer = prepare_trainer(std::move(trainer));
+  auto ckpt = train::get_checkpoint();
+  trainer.fit(model, data::DataLoader(data, {.batch_size = 16, .shuffle = true, .seed = 9}),
+              std::nullopt, ckpt ? ckpt->path() : "");
+}
+
+Result run(caf::actor_system& sys, const test::TempDir& dir, const std::string& name,
+           int64_t fail_step, int64_t fail_attempts, int64_t max_failures, bool async = false) {
+  TorchTrainerOptions o;
+  o.train_loop_config = {{"fail_rank", int64_t{1}},
+                         {"fail_step", fail_step},
+                         {"fail_attempts", fail_attempts},
+                         {"async", async}};
+  o.scaling.num_workers = 2;
+  o.run.name = name;
+  o.run.storage_path = dir.path();
+  o.run.failure.max_failures = max_failures;
+  return TorchTrainer(sys, train_func, o).fit();
+}
+
+void check_same_weights(const Result& a, const Result& b) {
+  REQUIRE(a.checkpoint);
+  REQUIRE(b.checkpoint);
+  auto wa = a.checkpoint->model_state_dict();
+  auto wb = b.checkpoint->model_state_dict();
+  REQUIRE(wa.size() == wb.size());
+  for (auto& item : wa) {
+    CAPTURE(item.key());
+    CHECK(torch::allclose(item.value(), wb[item.key()], 0, 1e-6));
+  }
+}
+
+} // namespace
+
+TEST_CASE("A failure at step 7 on rank 1 restarts once from the checkpoint before it and ends like an undisturbed run", "[fault]") {
+  test::TempDir dir;
+  System s;
+  auto clean = run(s.sys, dir, "clean", -1, 0, 0);
+  REQUIRE(clean.ok());
+  REQUIRE(clean.metrics_history.size() == 12);
+  for (bool async : {false, true}) {
+    CAPTURE(async);
+    auto faulty = run(s.sys, dir, async ? "faulty_async" : "faulty", 7, 1, 1, async);
+    INFO((faulty.error ? faulty.error->message : ""));
+    REQUIRE(faulty.ok());
+    CHECK(faulty.attempts == 2);
+    // Every step once, in order; steps up to the checkpoint at step 6 from attempt 0,
+    // the rest redone by attempt 1.
+    REQUIRE(faulty.metrics_history.size() == 12);
+    for (size_t i = 0; i < 12; ++i) {
+      auto& rec = faulty.metrics_history[i];
+      CHECK(rec.index == static_cast<int64_t>(i));
+      CHECK(rec.metrics.at("step") == static_cast<double>(i + 1));
+      CHECK(rec.attempt == (i < 6 ? 0 : 1));
+      CHECK(rec.metrics.at("loss") == Approx(clean.metrics_history[i].metrics.at("loss")).epsilon(1e-5));
+    }
+    check_same_weights(clean, faulty);
+    CHECK(faulty.metrics.at("loss") == Approx(clean.metrics.at("loss")).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("max_failures = 0 fails fast with the worker's error", "[fault]") {
+  test::TempDir dir;
+  System s;
+  auto start = std::chrono::steady_clock::now();
+  auto r = run(s.sys, dir, "no_retries", 4, 1, 0);
+  REQUIRE(r.error);
+  CHECK(r.attempts == 1);
+  CHECK(r.error->rank == 1);
+  CHECK_THAT(r.error->message, Contains("injected failure at step 4"));
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
+  // The checkpoint taken before the failure is kept.
+  REQUIRE(r.checkpoint);
+  CHECK(r.checkpoint->metadata().global_step == 3);
+}
+
+TEST_CASE("max_failures = -1 keeps retrying until the run succeeds", "[fault]") {
+  test::TempDir dir;
+  System s;
+  auto r = run(s.sys, dir, "forever", 8, 3, -1); // fails on attempts 0, 1 and 2
+  INFO((r.error ? r.error->message : ""));
+  REQUIRE(r.ok());
+  CHECK(r.attempts == 4);
+  CHECK(r.metrics_history.size() == 12);
+  SECTION("and a limited budget ends with the last failure") {
+    auto limited = run(s.sys, dir, "limited", 8, 3, 2);
+    REQUIRE(limited.error);
+    CHECK(limited.attempts == 3);
+    CHECK_THAT(limited.error->message, Contains("of attempt 2"));
+  }
+}
+
+TEST_CASE("A failure before any checkpoint restarts from scratch", "[fault]") {
+  test::TempDir dir;
+  System s;
+  auto clean = run(s.sys, dir, "clean", -1, 0, 0);
+  auto r = run(s.sys, dir, "early", 1, 1, 1);
+  INFO((r.error ? r.error->message : ""));
+  REQUIRE(r.ok());
+  CHECK(r.attempts == 2);
+  REQUIRE(r.metrics_history.size() == 12);
+  for (auto& rec : r.metrics_history)
+    CHECK(rec.attempt == 1); // attempt 0's single report was redone
+  check_same_weights(clean, r);
+}
+
+TEST_CASE("A worker without progress is declared failed by its missed heartbeat", "[fault]") {
+  test::TempDir dir;
+  System s;
+  auto release = std::make_shared<std::atomic<bool>>(false);
+  auto fn = [release] {
+    if (train::get_context().world_rank == 1)
+      while (!*release)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    else
+      train::report({{"x", 1.0}});
+  };
+  TorchTrainerOptions o;
+  o.scaling.num_workers = 2;
+  o.run.storage_path = dir.path();
+  o.run.name = "silent";
+  o.run.heartbeat_timeout = std::chrono::milliseconds(500);
+  o.run.stop_grace = std::chrono::milliseconds(200);
+  TorchTrainer trainer(s.sys, fn, o);
+  auto start = std::chrono::steady_clock::now();
+  auto r = trainer.fit();
+  *release = true;
+  REQUIRE(r.error);
+  CHECK(r.error->rank == 1);
+  CHECK_THAT(r.error->message, Contains("rank 1 made no progress") && Contains("heartbeat"));
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
+}
