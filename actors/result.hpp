@@ -63,7 +63,7 @@ struct Result {
   std::string path;
   /// Set when the run failed (after max_failures) or was cancelled.
   std::optional<RunError> error;
-  /// Attempts started (1 + restarts).
+  /// Attempts started (1 + restarts; a restored run counts those of the earlier process).
   int64_t attempts = 0;
 
   bool ok() const noexcept {

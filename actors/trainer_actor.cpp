@@ -268,6 +268,42 @@ bool stop_criteria_reached(const RunConfig& run, const ReportRecord& rec) {
 
 void complete_round(Self self, int64_t index);
 
+/// Appends `rec` to the run's history.jsonl, which a restored run reads back.
+void append_history(const std::string& dir, const ReportRecord& rec) {
+  nlohmann::json j = {{"index", rec.index},         {"attempt", rec.attempt},
+                      {"metrics", rec.metrics},     {"all_metrics", rec.all_metrics},
+                      {"checkpoint", rec.checkpoint_path}, {"timestamp", rec.timestamp}};
+  std::ofstream out(fs::path(dir) / "history.jsonl", std::ios::app);
+  out << j.dump() << '\n';
+  if (!out)
+    spdlog::warn("caftrain: cannot append to {}/history.jsonl", dir);
+}
+
+/// The reports of an earlier process of this run (the last record of each index).
+std::vector<ReportRecord> read_history(const std::string& dir, const std::string& run) {
+  std::map<int64_t, ReportRecord> by_index;
+  std::ifstream in(fs::path(dir) / "history.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_object())
+      continue; // a line cut short by a crash
+    ReportRecord rec;
+    rec.run = run;
+    rec.index = j.value("index", int64_t{-1});
+    rec.attempt = j.value("attempt", int64_t{0});
+    rec.metrics = j.value("metrics", Metrics{});
+    rec.all_metrics = j.value("all_metrics", std::vector<Metrics>{});
+    rec.checkpoint_path = j.value("checkpoint", "");
+    rec.timestamp = j.value("timestamp", 0.0);
+    if (rec.index >= 0)
+      by_index[rec.index] = std::move(rec);
+  }
+  std::vector<ReportRecord> result;
+  for (auto& [index, rec] : by_index)
+    result.push_back(std::move(rec));
+  return result;
+}
+
 void record_round(Self self, int64_t index, TrainerState::Round& round, const std::string& ckpt) {
   auto& st = self->state;
   ReportRecord rec;
@@ -280,6 +316,7 @@ void record_round(Self self, int64_t index, TrainerState::Round& round, const st
   rec.checkpoint_path = ckpt;
   rec.timestamp = now_seconds();
   st.history.push_back(rec);
+  append_history(st.spec->dir, rec);
   for (auto& s : st.subscribers)
     self->send(s, rec);
   for (auto& cb : run_config(self).callbacks)
@@ -473,7 +510,7 @@ void start(Self self) {
     return finish(self);
   }
   st.persister = self->spawn<caf::detached + caf::monitored>(persister_actor);
-  launch_attempt(self, 0);
+  launch_attempt(self, st.first_attempt);
 }
 
 } // namespace
@@ -490,6 +527,9 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
   for (auto& c : find_checkpoints(st.spec->dir))
     existing.emplace_back(c, c.metadata().metrics);
   st.manager->adopt(existing);
+  st.history = read_history(st.spec->dir, st.spec->name);
+  if (!st.history.empty())
+    st.first_attempt = st.history.back().attempt + 1; // attempts keep counting
   if (!opts.resume_from_checkpoint.empty())
     st.initial_checkpoint = Checkpoint::from_directory(opts.resume_from_checkpoint);
   self->set_down_handler([=](caf::down_msg& dm) {

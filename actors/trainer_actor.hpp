@@ -38,6 +38,8 @@ struct TrainerState {
   std::shared_ptr<RunSpec> spec;
   std::string state = "pending";
   int64_t attempt = -1;
+  /// Number of the first attempt: 0, or one past the last attempt of a restored run.
+  int64_t first_attempt = 0;
   int64_t failures = 0;
   // -- the current attempt --
   std::vector<caf::actor> workers;
