@@ -1,0 +1,290 @@
+// Time to recover from a worker failure, against the 1 s target.
+//
+//   build/bench/bench_recovery --repeats 5
+//   build/bench/bench_recovery --fail-step 25 --checkpoint-every 10 --batch 128
+//
+// Each repeat trains the seed's MLP (784-1024-1024-10) on Fashion-MNIST, batch 128, with
+// DDP on 2 local workers, reporting a checkpoint every --checkpoint-every steps. Rank 1
+// throws before step --fail-step + 1 of the first attempt (max_failures = 1); the group is
+// stopped and a new attempt resumes from the latest checkpoint. Recovery is the time from
+// a steady_clock stamp taken just before the throw to the end of the new attempt's first
+// training step (rank 0). Prints every repeat, the phases of the median one, the median,
+// the undisturbed step time measured in the same runs, and the ratio against the target.
+// No Ray is installed here to measure its own restart time, hence a fixed 1 s anchor.
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <caf/all.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "caftrain.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+/// The target recovery time, in ms.
+constexpr double kTargetMs = 1000;
+
+struct Flags {
+  int64_t workers = 2;
+  int64_t batch = 128;
+  int64_t fail_step = 25;
+  int64_t checkpoint_every = 10;
+  int64_t steps_after = 5;
+  int64_t repeats = 5;
+  std::string dir = "/tmp/caftrain_bench";
+};
+
+/// Moments of one run, stamped by the workers' threads and the trainer actor (first stamp
+/// of each name wins), and the undisturbed step times of rank 0.
+class Marks {
+ public:
+  void stamp(const std::string& name) {
+    auto now = Clock::now();
+    std::lock_guard<std::mutex> guard(mtx_);
+    marks_.emplace(name, now);
+  }
+
+  void add_step(double ms) {
+    std::lock_guard<std::mutex> guard(mtx_);
+    steps_.push_back(ms);
+  }
+
+  /// Milliseconds from mark `from` to mark `to`; throws when one is missing.
+  double between(const std::string& from, const std::string& to) const {
+    std::lock_guard<std::mutex> guard(mtx_);
+    for (auto* name : {&from, &to})
+      if (!marks_.count(*name))
+        throw std::runtime_error("no '" + *name + "' mark was taken");
+    return std::chrono::duration<double, std::milli>(marks_.at(to) - marks_.at(from)).count();
+  }
+
+  std::vector<double> steps() const {
+    std::lock_guard<std::mutex> guard(mtx_);
+    return steps_;
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> guard(mtx_);
+    marks_.clear();
+    steps_.clear();
+  }
+
+ private:
+  mutable std::mutex mtx_;
+  std::map<std::string, Clock::time_point> marks_;
+  std::vector<double> steps_;
+};
+
+/// Workers are threads of this process: they stamp one shared object.
+Marks& marks() {
+  static Marks instance;
+  return instance;
+}
+
+class Classifier : public caftrain::LightningModule {
+ public:
+  Classifier() {
+    model = register_module("model", caftrain::models::MLP());
+  }
+  torch::Tensor training_step(const caftrain::Batch& b, int64_t) override {
+    auto loss = torch::nn::functional::cross_entropy(model->forward(b.data), b.target);
+    log("loss", loss);
+    return loss;
+  }
+  caftrain::Optimizers configure_optimizers() override {
+    return std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-3));
+  }
+  caftrain::models::MLP model{nullptr};
+};
+
+/// Throws on `rank` before step `step` + 1 of the first attempt; stamps the new attempt's
+/// progress on rank 0 and times rank 0's undisturbed steps (the batch, not the report).
+class Probe : public caftrain::Callback {
+ public:
+  Probe(int64_t rank, int64_t step) : rank_(rank), step_(step) {}
+
+  void setup(caftrain::Trainer&, caftrain::LightningModule&, caftrain::Stage) override {
+    if (watching())
+      marks().stamp("setup");
+  }
+  void on_fit_start(caftrain::Trainer&, caftrain::LightningModule&) override {
+    if (watching())
+      marks().stamp("restored");
+  }
+  void on_train_batch_start(caftrain::Trainer& t, caftrain::LightningModule&,
+                            const caftrain::Batch&, int64_t) override {
+    auto& ctx = caftrain::train::get_context();
+    if (ctx.attempt == 0 && ctx.world_rank == rank_ && t.global_step() == step_) {
+      marks().stamp("throw");
+      throw std::runtime_error("injected failure");
+    }
+    start_ = Clock::now();
+  }
+  void on_train_batch_end(caftrain::Trainer& t, caftrain::LightningModule&, const at::Tensor&,
+                          const caftrain::Batch&, int64_t) override {
+    auto& ctx = caftrain::train::get_context();
+    if (ctx.world_rank != 0)
+      return;
+    if (ctx.attempt == 0 && t.global_step() > 3) // after a warm-up
+      marks().add_step(std::chrono::duration<double, std::milli>(Clock::now() - start_).count());
+    if (ctx.attempt == 1)
+      marks().stamp("first_step");
+  }
+
+ private:
+  static bool watching() {
+    auto& ctx = caftrain::train::get_context();
+    return ctx.attempt == 1 && ctx.world_rank == 0;
+  }
+
+  int64_t rank_;
+  int64_t step_;
+  Clock::time_point start_;
+};
+
+void train_func(const caftrain::Config& c) {
+  auto& ctx = caftrain::train::get_context();
+  bool watching = ctx.attempt == 1 && ctx.world_rank == 0;
+  if (watching)
+    marks().stamp("entered");
+  auto data = caftrain::data::FashionMNIST::train();
+  if (watching)
+    marks().stamp("data");
+  auto model = caftrain::with_seed(0, [] { return std::make_shared<Classifier>(); });
+  caftrain::Trainer trainer(
+    {.max_steps = c.get<int64_t>("steps"),
+     .strategy = caftrain::DDPStrategy(),
+     .plugins = {caftrain::ActorEnvironment()},
+     .callbacks = {Probe(1, c.get<int64_t>("fail_step")),
+                   caftrain::ReportCallback({.every_n_epochs = 0,
+                                             .every_n_steps = c.get<int64_t>("checkpoint_every")})},
+     .logger = false,
+     .enable_progress_bar = false});
+  trainer = caftrain::prepare_trainer(std::move(trainer));
+  auto checkpoint = caftrain::train::get_checkpoint();
+  trainer.fit(model, data->loader({.batch_size = c.get<int64_t>("batch"), .shuffle = true}),
+              std::nullopt, checkpoint ? checkpoint->path() : "");
+}
+
+/// Stamps the moment the trainer actor decides to restart: the old group has stopped.
+class FailureStamp : public caftrain::RunCallback {
+ public:
+  void on_failure(const std::string&, int64_t, bool) override {
+    marks().stamp("stopped");
+  }
+};
+
+struct Sample {
+  double recovery_ms;
+  std::vector<std::pair<const char*, double>> phases;
+};
+
+Sample run_once(caf::actor_system& sys, const Flags& f, int64_t repeat) {
+  marks().clear();
+  caftrain::TorchTrainerOptions o;
+  o.train_loop_config = {{"batch", f.batch},
+                         {"fail_step", f.fail_step},
+                         {"checkpoint_every", f.checkpoint_every},
+                         {"steps", f.fail_step + f.steps_after}};
+  o.scaling.num_workers = f.workers;
+  o.run.storage_path = f.dir;
+  o.run.name = "recovery_" + std::to_string(::getpid()) + "_" + std::to_string(repeat);
+  o.run.failure.max_failures = 1;
+  o.run.callbacks = {std::make_shared<FailureStamp>()};
+  auto result = caftrain::TorchTrainer(sys, train_func, o).fit();
+  std::error_code ec;
+  std::filesystem::remove_all(result.path, ec);
+  if (!result.ok())
+    throw std::runtime_error("the run failed: " + result.error->message);
+  if (result.attempts != 2)
+    throw std::runtime_error("expected 2 attempts, got " + std::to_string(result.attempts));
+  auto& m = marks();
+  return {m.between("throw", "first_step"),
+          {{"stop of the old group (throw -> restart decided)", m.between("throw", "stopped")},
+           {"spawn of the new workers (-> train_func entered)", m.between("stopped", "entered")},
+           {"train_func: data loading", m.between("entered", "data")},
+           {"model, Trainer, DDP setup", m.between("data", "setup")},
+           {"checkpoint restore", m.between("setup", "restored")},
+           {"first training step", m.between("restored", "first_step")}}};
+}
+
+double median(std::vector<double> xs) {
+  std::sort(xs.begin(), xs.end());
+  return xs[xs.size() / 2];
+}
+
+Flags parse(int argc, char** argv) {
+  Flags f;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&] { return std::string(i + 1 < argc ? argv[++i] : ""); };
+    if (a == "--workers")
+      f.workers = std::stoll(next());
+    else if (a == "--batch")
+      f.batch = std::stoll(next());
+    else if (a == "--fail-step")
+      f.fail_step = std::stoll(next());
+    else if (a == "--checkpoint-every")
+      f.checkpoint_every = std::stoll(next());
+    else if (a == "--repeats")
+      f.repeats = std::stoll(next());
+    else if (a == "--dir")
+      f.dir = next();
+    else {
+      std::cerr << "unknown flag " << a << "\n"
+                << "flags: --workers N --batch N --fail-step N --checkpoint-every N --repeats N "
+                   "--dir DIR\n";
+      std::exit(2);
+    }
+  }
+  if (f.workers < 2 || f.repeats < 1 || f.checkpoint_every < 1 || f.fail_step <= f.checkpoint_every) {
+    std::cerr << "need --workers >= 2, --repeats >= 1 and --fail-step > --checkpoint-every >= 1\n";
+    std::exit(2);
+  }
+  return f;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  auto f = parse(argc, argv);
+  caf::actor_system_config cfg;
+  caftrain::init(cfg);
+  caf::actor_system sys{cfg};
+  std::vector<Sample> samples;
+  std::vector<double> recoveries, steps;
+  for (int64_t r = 0; r < f.repeats; ++r) {
+    samples.push_back(run_once(sys, f, r));
+    recoveries.push_back(samples.back().recovery_ms);
+    auto s = marks().steps();
+    steps.insert(steps.end(), s.begin(), s.end());
+    std::printf("repeat %lld: recovery %.1f ms (undisturbed step %.1f ms)\n",
+                static_cast<long long>(r), recoveries.back(), median(s));
+  }
+  auto med = median(recoveries);
+  auto& typical = *std::min_element(samples.begin(), samples.end(), [&](auto& a, auto& b) {
+    return std::abs(a.recovery_ms - med) < std::abs(b.recovery_ms - med);
+  });
+  std::printf("workers=%lld model=mlp batch=%lld checkpoint every %lld steps, failure before step "
+              "%lld (resumes from step %lld)\n",
+              static_cast<long long>(f.workers), static_cast<long long>(f.batch),
+              static_cast<long long>(f.checkpoint_every), static_cast<long long>(f.fail_step + 1),
+              static_cast<long long>(f.fail_step / f.checkpoint_every * f.checkpoint_every));
+  std::printf("phases of the median repeat (rank 0 of the new attempt):\n");
+  for (auto& [name, ms] : typical.phases)
+    std::printf("  %-50s %8.1f ms\n", name, ms);
+  std::printf("median recovery: %.1f ms; undisturbed step (median): %.1f ms\n", med, median(steps));
+  std::printf("ratio recovery / 1 s target: %.3f\n", med / kTargetMs);
+}
