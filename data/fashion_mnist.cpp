@@ -1,6 +1,9 @@
 #include "data/fashion_mnist.hpp"
 
 #include <filesystem>
+#include <list>
+#include <mutex>
+#include <tuple>
 
 #include <torch/torch.h>
 
@@ -28,10 +31,45 @@ std::pair<at::Tensor, at::Tensor> load(const std::string& root, Split split, Nor
   return {x, labels.to(torch::kLong)};
 }
 
+/// Size and modification time of a file, so that a cached read notices a changed file.
+std::tuple<std::string, uintmax_t, int64_t> identity(const std::string& path) {
+  std::error_code ec;
+  auto size = std::filesystem::file_size(path, ec);
+  auto time = std::filesystem::last_write_time(path, ec);
+  return {path, ec ? 0 : size, ec ? 0 : static_cast<int64_t>(time.time_since_epoch().count())};
+}
+
+/// The decoded tensors of the last few files read in this process. Workers of a run (and
+/// the workers of its next attempt after a failure) read the same files: they share one
+/// decoded copy instead of decoding the gz files again (about 0.5 s and 190 MB each for
+/// Fashion-MNIST's training half).
+std::pair<at::Tensor, at::Tensor> cached_load(const std::string& root, Split split, Normalize norm) {
+  using Key = std::tuple<std::tuple<std::string, uintmax_t, int64_t>,
+                         std::tuple<std::string, uintmax_t, int64_t>, double, double>;
+  static std::mutex mtx;
+  static std::list<std::pair<Key, std::pair<at::Tensor, at::Tensor>>> entries; // newest first
+  constexpr size_t capacity = 4;
+  std::string prefix = split == Split::train ? "train" : "t10k";
+  auto images = (std::filesystem::path(root) / (prefix + "-images-idx3-ubyte.gz")).string();
+  auto labels = (std::filesystem::path(root) / (prefix + "-labels-idx1-ubyte.gz")).string();
+  Key key{identity(images), identity(labels), norm.mean, norm.std};
+  std::lock_guard<std::mutex> guard(mtx); // one decode at a time; the others then share it
+  for (auto it = entries.begin(); it != entries.end(); ++it)
+    if (it->first == key) {
+      entries.splice(entries.begin(), entries, it);
+      return entries.front().second;
+    }
+  auto tensors = load(root, split, norm);
+  entries.emplace_front(key, tensors);
+  if (entries.size() > capacity)
+    entries.pop_back();
+  return tensors;
+}
+
 } // namespace
 
 ImageIdxDataset::ImageIdxDataset(const std::string& root, Split split, Normalize normalize)
-  : ImageIdxDataset(root, load(root, split, normalize)) {
+  : ImageIdxDataset(root, cached_load(root, split, normalize)) {
   // nop
 }
 

@@ -24,7 +24,10 @@ enum class Split { train, test };
 /// and labels as int64 [N]. `FashionMNIST` and `MNIST` differ only in where the files are.
 class ImageIdxDataset : public TensorDataset {
  public:
-  /// Reads `<root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`. Throws
+  /// Reads `<root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`. The decoded tensors
+  /// of the last 4 file pairs read are kept in this process and shared by every data set
+  /// that reads the same unchanged files (the workers of a run, a restarted attempt):
+  /// treat them as read-only. Throws
   /// `Error(data_error)` naming the file when one is missing or malformed, or when images
   /// and labels disagree on the number of examples.
   ImageIdxDataset(const std::string& root, Split split, Normalize normalize = {});
