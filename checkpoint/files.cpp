@@ -78,6 +78,20 @@ void write_atomic(const std::string& path, const char* data, size_t size) {
 
 } // namespace
 
+void write_file_started(const std::string& path, const std::vector<char>& bytes) {
+  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (fd.get() < 0)
+    io_fail("creating", path, errno);
+  write_all(fd.get(), bytes.data(), bytes.size(), path);
+#ifdef SYNC_FILE_RANGE_WRITE
+  // Start writeback now, so that the device works on this file while the next is
+  // written; the caller's fsync then mostly waits for what is already under way.
+  ::sync_file_range(fd.get(), 0, 0, SYNC_FILE_RANGE_WRITE);
+#endif
+  if (::close(fd.release()) != 0)
+    io_fail("closing", path, errno);
+}
+
 std::vector<char> read_file(const std::string& path) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0)

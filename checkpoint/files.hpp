@@ -18,6 +18,11 @@ void write_file_atomic(const std::string& path, const std::string& text);
 /// Flushes a file's or a directory's contents and metadata to disk.
 void fsync_path(const std::string& path);
 
+/// Writes `bytes` to `path` (created or truncated) and starts its writeback without
+/// waiting for it: the file is durable only after a later `fsync_path(path)`. For files
+/// of a private staging directory that is made durable, and published, as a whole.
+void write_file_started(const std::string& path, const std::vector<char>& bytes);
+
 /// CRC-32 (zlib's) of `size` bytes.
 uint32_t crc32_of(const void* data, size_t size, uint32_t seed = 0);
 
