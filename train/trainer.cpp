@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "callbacks/csv_logger.hpp"
@@ -261,17 +262,13 @@ void step_schedulers(Impl& s, Interval interval, int64_t count) {
       sc.scheduler->step();
 }
 
-std::vector<at::Tensor> parameters_of(const Impl& s) {
-  return s.module->parameters();
-}
-
 /// One optimizer step after the last micro-batch of an accumulation window.
 void optimizer_step(Impl& s) {
   auto& strategy = *s.strategy;
   Trainer& t = *s.self;
   strategy.finish_gradient_sync();
   each(s.callbacks, [&](Callback& cb) { cb.on_before_optimizer_step(t, *s.module); });
-  bool take = s.precision->unscale(parameters_of(s), strategy);
+  bool take = s.precision->unscale(strategy.gradients(), strategy);
   if (take && s.options.gradient_clip_val && *s.options.gradient_clip_val > 0) {
     if (s.options.gradient_clip_algorithm == "norm")
       strategy.clip_grad_norm(*s.options.gradient_clip_val);
@@ -285,6 +282,18 @@ void optimizer_step(Impl& s) {
   }
   ++s.global_step;
   step_schedulers(s, Interval::step, s.global_step);
+  if (!s.memory_logged && s.environment->global_rank() == 0 && strategy.is_distributed()) {
+    // Once, after the first step (when optimizer state exists): what this rank holds.
+    s.memory_logged = true;
+    auto m = strategy.memory_stats();
+    constexpr double MiB = 1024.0 * 1024.0;
+    spdlog::info("caftrain: {} on rank 0 holds {:.1f} MiB parameters, {:.1f} MiB gradients, "
+                 "{:.1f} MiB optimizer state (peak transient {:.1f} MiB)",
+                 strategy.name(), static_cast<double>(m.parameter_bytes) / MiB,
+                 static_cast<double>(m.gradient_bytes) / MiB,
+                 static_cast<double>(m.optimizer_state_bytes) / MiB,
+                 static_cast<double>(m.peak_transient_bytes) / MiB);
+  }
 }
 
 bool max_steps_reached(const Impl& s) {
@@ -364,14 +373,19 @@ void run_train_epoch(Impl& s) {
     if (s.should_stop)
       break;
   }
-  s.epoch_finished = true;
+  // Stopped mid-epoch (max_steps, a stop request): the epoch-end hooks still run, as in
+  // Lightning, but the epoch is not complete: a checkpoint taken now resumes at its next
+  // batch, and the epoch-interval schedulers wait for its real end.
+  s.epoch_finished = s.batches_done >= n;
   auto epoch_metrics = s.collector.epoch_metrics(LogScope::train);
   merge(s.callback_metrics, epoch_metrics);
   module.on_train_epoch_end();
   each(cbs, [&](Callback& cb) { cb.on_train_epoch_end(t, module); });
   log_to_loggers(s, s.collector.epoch_metrics(LogScope::train, /*for_logger=*/true));
-  step_schedulers(s, Interval::epoch, s.epoch + 1);
-  s.epoch_schedulers_stepped = true;
+  if (s.epoch_finished) {
+    step_schedulers(s, Interval::epoch, s.epoch + 1);
+    s.epoch_schedulers_stepped = true;
+  }
 }
 
 void finalize_loggers(Impl& s, const std::string& status) {
@@ -457,6 +471,8 @@ void Trainer::fit(std::shared_ptr<LightningModule> model, data::DataLoader train
     auto last = max_epochs(s);
     while (!s.should_stop && s.epoch < last && !max_steps_reached(s)) {
       run_train_epoch(s);
+      if (!s.epoch_finished)
+        break;
       ++s.epoch;
     }
     s.training = false;

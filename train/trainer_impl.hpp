@@ -69,6 +69,7 @@ struct Trainer::Impl {
   Stage stage = Stage::fit;
   bool sanity = false;
   bool training = false;
+  bool memory_logged = false; // the strategy's memory_stats were logged (after the first step)
   bool should_stop = false;
 
   // -- metrics ------------------------------------------------------------------------
