@@ -15,6 +15,7 @@
 #include "callbacks/report_callback.hpp"
 #include "checkpoint/checkpoint.hpp"
 #include "checkpoint/checkpoint_manager.hpp"
+#include "checkpoint/sharded.hpp"
 #include "checkpoint/state_dict.hpp"
 #include "core/config.hpp"
 #include "core/error.hpp"
@@ -29,9 +30,14 @@
 #include "environment/worker_context.hpp"
 #include "environment/gloo_communicator.hpp"
 #include "environment/local_communicator.hpp"
+#ifdef CAFTRAIN_WITH_NCCL
+#include "environment/nccl_communicator.hpp"
+#endif
 #include "environment/store.hpp"
 #include "models/resnet.hpp"
 #include "strategies/ddp_strategy.hpp"
+#include "strategies/fsdp_strategy.hpp"
+#include "strategies/zero_strategy.hpp"
 #include "strategies/strategy.hpp"
 #include "train/lightning_module.hpp"
 #include "train/lr_scheduler.hpp"

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/files.hpp"
+#include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
 
 namespace caftrain {
@@ -138,9 +139,11 @@ void Checkpoint::validate() const {
 }
 
 StateDict Checkpoint::model_state_dict() const {
-  if (!has_file("model.pt"))
-    corrupt(path_, "holds no model.pt (sharded checkpoints are read with consolidate())");
-  return load_state_dict_file(file("model.pt"));
+  if (has_file("model.pt"))
+    return load_state_dict_file(file("model.pt"));
+  if (has_file(kLayoutFile))
+    return consolidate(*this).model; // sharded: put the ranks' shards back together
+  corrupt(path_, "holds neither model.pt nor a sharded layout; it has no model state");
 }
 
 // -- CheckpointWriter ---------------------------------------------------------------------
@@ -177,7 +180,9 @@ void CheckpointWriter::add_file(const std::string& name, const std::vector<char>
   auto p = fs::path(staging_) / name;
   std::error_code ec;
   fs::create_directories(p.parent_path(), ec);
-  write_file_atomic(p.string(), bytes);
+  // The staging directory is private until commit: no temporary name needed here, and the
+  // fsync waits for commit, so that the files' writeback overlaps.
+  write_file_started(p.string(), bytes);
   files_[name] = FileDigest{bytes.size(), crc32_of(bytes.data(), bytes.size())};
 }
 
@@ -239,7 +244,11 @@ Checkpoint CheckpointWriter::commit(CheckpointMetadata metadata) {
   metadata.created_at =
     std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   write_file_atomic((fs::path(staging_) / kMetadataFile).string(), to_json(metadata));
-  // Subdirectories hold sharded files; make their entries durable too.
+  // Every file's content (their writeback started in add_file), then the entries of the
+  // subdirectories (sharded files) and of the staging directory.
+  for (auto& entry : fs::recursive_directory_iterator(staging_))
+    if (entry.is_regular_file())
+      fsync_path(entry.path().string());
   for (auto& entry : fs::recursive_directory_iterator(staging_))
     if (entry.is_directory())
       fsync_path(entry.path().string());

@@ -95,7 +95,8 @@ class Checkpoint {
   /// naming the first file that is missing, truncated or altered.
   void validate() const;
 
-  /// The model state dict (`model.pt`, which Python's torch.load reads).
+  /// The model state dict: `model.pt` (which Python's torch.load reads), or for a sharded
+  /// checkpoint the consolidation of every rank's shard.
   StateDict model_state_dict() const;
 
   /// Serialisation for actor messages (defined in actors/messages.hpp).

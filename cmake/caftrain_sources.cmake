@@ -15,6 +15,7 @@ set(CAFTRAIN_SOURCES
   checkpoint/checkpoint.cpp
   checkpoint/checkpoint_manager.cpp
   checkpoint/files.cpp
+  checkpoint/sharded.cpp
   checkpoint/state_dict.cpp
   # environment: where a worker stands, communicators
   environment/actor_environment.cpp
@@ -27,6 +28,10 @@ set(CAFTRAIN_SOURCES
   environment/worker_context.cpp
   # strategies
   strategies/ddp_strategy.cpp
+  strategies/flat_shard.cpp
+  strategies/fsdp_strategy.cpp
+  strategies/sharded_strategy.cpp
+  strategies/zero_strategy.cpp
   strategies/registry.cpp
   strategies/strategy.cpp
   # callbacks and loggers

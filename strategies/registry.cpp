@@ -3,6 +3,8 @@
 
 #include "core/error.hpp"
 #include "strategies/ddp_strategy.hpp"
+#include "strategies/fsdp_strategy.hpp"
+#include "strategies/zero_strategy.hpp"
 #include "strategies/strategy.hpp"
 
 namespace caftrain {
@@ -16,6 +18,13 @@ struct Registry {
   Registry() {
     factories["single_device"] = [] { return std::make_shared<SingleDeviceStrategy>(); };
     factories["ddp"] = [] { return std::make_shared<DDPStrategy>(); };
+    factories["fsdp"] = [] { return std::make_shared<FSDPStrategy>(); };
+    for (int stage : {1, 2}) {
+      auto make = [stage] { return std::make_shared<ZeroStrategy>(ZeroOptions{stage}); };
+      factories["zero_stage_" + std::to_string(stage)] = make;
+      factories["deepspeed_stage_" + std::to_string(stage)] = make; // Lightning's names
+    }
+    factories["zero"] = [] { return std::make_shared<ZeroStrategy>(); };
   }
 };
 

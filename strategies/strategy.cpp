@@ -114,6 +114,23 @@ void Strategy::load_model_state_dict(const StateDict& state, bool strict) {
   load_state_dict(*module_, state, {strict});
 }
 
+std::map<std::string, std::vector<char>> Strategy::shard_files() {
+  throw Error(Errc::invalid_config, "strategy '" + name() + "' writes unsharded checkpoints");
+}
+
+void Strategy::load_sharded(const Checkpoint&) {
+  throw Error(Errc::invalid_config, "strategy '" + name() + "' loads unsharded checkpoints");
+}
+
+std::vector<at::Tensor> Strategy::gradients() {
+  require_setup("gradients");
+  std::vector<at::Tensor> result;
+  for (auto& p : module_->parameters())
+    if (p.grad().defined())
+      result.push_back(p.grad());
+  return result;
+}
+
 MemoryStats Strategy::memory_stats() const {
   MemoryStats stats;
   if (!module_)

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@ class Optimizer;
 
 namespace caftrain {
 
+class Checkpoint;
 class ClusterEnvironment;
 
 /// Bytes a strategy holds on this rank, so that sharding's savings are measured, not
@@ -30,8 +32,9 @@ struct MemoryStats {
   int64_t parameter_bytes = 0;
   int64_t gradient_bytes = 0;
   int64_t optimizer_state_bytes = 0;
-  /// Extra bytes held transiently while a sharded unit is gathered for compute.
-  int64_t peak_gathered_bytes = 0;
+  /// Peak of the bytes held transiently: gathered parameters of a unit being computed,
+  /// gradient buffers in flight.
+  int64_t peak_transient_bytes = 0;
 
   int64_t total() const noexcept {
     return parameter_bytes + gradient_bytes + optimizer_state_bytes;
@@ -136,6 +139,18 @@ class Strategy {
   virtual bool sharded_checkpoints() const {
     return false;
   }
+
+  /// This rank's files of a sharded checkpoint (`sharded_checkpoints()` strategies):
+  /// its shard, and on rank 0 the layout and the buffers. Collective.
+  virtual std::map<std::string, std::vector<char>> shard_files();
+
+  /// Restores parameters and optimizer state from a sharded checkpoint written with any
+  /// world size (resharding as needed).
+  virtual void load_sharded(const Checkpoint& checkpoint);
+
+  /// The gradient tensors the optimizers step with (after finish_gradient_sync): the
+  /// parameters' gradients, or the shards' for sharded strategies.
+  virtual std::vector<at::Tensor> gradients();
 
   // -- memory -----------------------------------------------------------------------
 

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "caftrain.hpp"
 
@@ -83,5 +85,30 @@ std::string python_with_torch();
 
 /// Runs `script` with Python; returns its exit code and fills `output` with stdout.
 int run_python(const std::string& script, std::string& output);
+
+/// Runs `fn(rank, communicator)` on `world` threads joined by gloo over loopback (one
+/// intra-op thread each, 20 s collective timeout); rethrows the first failure.
+template <class F>
+void run_gloo_ranks(int world, F fn) {
+  auto store = std::make_shared<InMemoryStore>();
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(world));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        torch::set_num_threads(1);
+        auto comm = GlooCommunicator::create(std::make_shared<PrefixStore>("test", store), r, world,
+                                             {.timeout = std::chrono::seconds(20)});
+        fn(r, comm);
+      } catch (...) {
+        errors[static_cast<size_t>(r)] = std::current_exception();
+      }
+    });
+  for (auto& t : threads)
+    t.join();
+  for (auto& e : errors)
+    if (e)
+      std::rethrow_exception(e);
+}
 
 } // namespace caftrain::test

@@ -52,30 +52,7 @@ TrainerOptions options_for(int64_t steps, int64_t accumulate) {
   return o;
 }
 
-/// Runs `fn(rank, communicator)` on `world` threads joined by gloo over loopback;
-/// rethrows the first failure.
-template <class F>
-void run_ranks(int world, F fn) {
-  auto store = std::make_shared<InMemoryStore>();
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(world));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < world; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        torch::set_num_threads(1);
-        auto comm = GlooCommunicator::create(std::make_shared<PrefixStore>("test", store), r, world,
-                                             {.timeout = std::chrono::seconds(20)});
-        fn(r, comm);
-      } catch (...) {
-        errors[static_cast<size_t>(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads)
-    t.join();
-  for (auto& e : errors)
-    if (e)
-      std::rethrow_exception(e);
-}
+using test::run_gloo_ranks;
 
 /// Weights after `steps` optimizer steps of DDP on `world` ranks (batch `batch` per rank).
 std::shared_ptr<Mlp> train_ddp(int world, int64_t batch, int64_t steps, int64_t accumulate,
@@ -83,7 +60,7 @@ std::shared_ptr<Mlp> train_ddp(int world, int64_t batch, int64_t steps, int64_t 
   auto data = classification_data(world * batch * steps * accumulate);
   std::shared_ptr<Mlp> rank0;
   std::mutex mtx;
-  run_ranks(world, [&](int rank, std::shared_ptr<Communicator> comm) {
+  run_gloo_ranks(world, [&](int rank, std::shared_ptr<Communicator> comm) {
     // Different initial weights per rank: DDP must start everyone from rank 0's.
     auto model = with_seed(static_cast<uint64_t>(rank), [&] { return std::make_shared<Mlp>(optimizer); });
     auto o = options_for(steps, accumulate);
@@ -127,7 +104,7 @@ TEST_CASE("DDP on 2 and 3 workers matches one worker on the concatenated batch",
 }
 
 TEST_CASE("DDP buckets gradients in reverse order with a small first bucket", "[ddp]") {
-  run_ranks(2, [](int rank, std::shared_ptr<Communicator> comm) {
+  run_gloo_ranks(2, [](int rank, std::shared_ptr<Communicator> comm) {
     models::ResNet18 net;
     DDPStrategy ddp;
     ddp.setup(*net, std::make_shared<StaticEnvironment>(comm), torch::kCPU);
@@ -152,7 +129,7 @@ TEST_CASE("DDP buckets gradients in reverse order with a small first bucket", "[
 }
 
 TEST_CASE("DDP refuses ranks whose models differ, naming the parameter", "[ddp]") {
-  CHECK_THROWS_WITH(run_ranks(2,
+  CHECK_THROWS_WITH(run_gloo_ranks(2,
                               [](int rank, std::shared_ptr<Communicator> comm) {
                                 auto model = std::make_shared<Mlp>("sgd", rank == 0 ? 32 : 16);
                                 DDPStrategy ddp;
@@ -177,7 +154,7 @@ class HalfUsed : public Mlp {
 TEST_CASE("A parameter without gradient is an error unless find_unused_parameters is set", "[ddp]") {
   auto data = classification_data(48);
   auto run = [&](bool find_unused) {
-    run_ranks(2, [&](int, std::shared_ptr<Communicator> comm) {
+    run_gloo_ranks(2, [&](int, std::shared_ptr<Communicator> comm) {
       auto o = options_for(2, 1);
       o.strategy = DDPStrategy({.find_unused_parameters = find_unused});
       o.plugins = {StaticEnvironment(comm)};

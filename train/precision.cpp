@@ -74,13 +74,12 @@ at::Tensor Precision::scale(const at::Tensor& loss) const {
   return scaling_ ? l * scale_ : l;
 }
 
-bool Precision::unscale(const std::vector<at::Tensor>& params, Strategy& strategy) {
+bool Precision::unscale(const std::vector<at::Tensor>& grads, Strategy& strategy) {
   if (!scaling_)
     return true;
   torch::NoGradGuard no_grad;
   bool finite = true;
-  for (auto& p : params) {
-    auto g = p.grad();
+  for (auto& g : grads) {
     if (!g.defined())
       continue;
     g.mul_(1.0 / scale_);

@@ -51,9 +51,10 @@ class Precision {
   /// The loss to call backward on (scaled under "16-mixed").
   at::Tensor scale(const at::Tensor& loss) const;
 
-  /// Before the optimizer step: unscales gradients of `params` and says whether the step
-  /// may proceed (false when an inf/NaN was found on any rank; the scale then shrinks).
-  bool unscale(const std::vector<at::Tensor>& params, Strategy& strategy);
+  /// Before the optimizer step: unscales `grads` (the strategy's gradients) and says
+  /// whether the step may proceed (false when an inf/NaN was found on any rank; the scale
+  /// then shrinks).
+  bool unscale(const std::vector<at::Tensor>& grads, Strategy& strategy);
 
   /// Current loss scale (1 unless "16-mixed").
   double loss_scale() const noexcept {

@@ -3,11 +3,14 @@
 #include <filesystem>
 
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "checkpoint/checkpoint.hpp"
 #include "checkpoint/files.hpp"
+#include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
+#include "strategies/flat_shard.hpp"
 #include "train/trainer_impl.hpp"
 
 namespace caftrain {
@@ -113,11 +116,17 @@ std::map<std::string, std::vector<char>> checkpoint_files(Trainer& trainer) {
     throw Error(Errc::bad_state, "save_checkpoint needs a running fit (call it from a callback or "
                                  "after fit has set the trainer up)");
   std::map<std::string, std::vector<char>> files;
-  auto model = s.strategy->model_state_dict(); // collective for sharded strategies
-  if (s.environment->global_rank() != 0)
-    return files;
-  files["model.pt"] = serialize_state_dict(model);
-  files["optimizer.pt"] = optimizer_bytes(s);
+  bool sharded = s.strategy->sharded_checkpoints();
+  if (sharded) {
+    files = s.strategy->shard_files(); // this rank's shard; rank 0 adds layout and buffers
+    if (s.environment->global_rank() != 0)
+      return files;
+  } else {
+    if (s.environment->global_rank() != 0)
+      return files;
+    files["model.pt"] = serialize_state_dict(s.strategy->model_state_dict());
+    files["optimizer.pt"] = optimizer_bytes(s);
+  }
   auto state = trainer_state(trainer).dump(2);
   files["trainer_state.json"] = std::vector<char>(state.begin(), state.end());
   auto rng = at::detail::getDefaultCPUGenerator().get_state();
@@ -130,10 +139,26 @@ std::map<std::string, std::vector<char>> checkpoint_files(Trainer& trainer) {
 void write_checkpoint(Trainer& trainer, const std::string& path) {
   auto files = checkpoint_files(trainer);
   auto& s = trainer.impl();
-  if (s.environment->global_rank() == 0) {
+  auto rank = s.environment->global_rank();
+  // Every rank stages its part beside the destination; rank 0 commits them all.
+  auto parts = fs::path(path + ".parts");
+  auto mine = parts / ("rank_" + std::to_string(rank));
+  for (auto& [name, bytes] : files) {
+    std::error_code ec;
+    fs::create_directories((mine / name).parent_path(), ec);
+    write_file_atomic((mine / name).string(), bytes);
+  }
+  s.strategy->barrier();
+  if (rank == 0) {
     CheckpointWriter writer(path);
-    for (auto& [name, bytes] : files)
-      writer.add_file(name, bytes);
+    for (int64_t r = 0; r < s.environment->world_size(); ++r) {
+      auto part = parts / ("rank_" + std::to_string(r));
+      std::error_code ec;
+      if (fs::is_directory(part, ec))
+        writer.move_directory(part.string());
+    }
+    std::error_code ec;
+    fs::remove_all(parts, ec);
     CheckpointMetadata meta;
     meta.epoch = s.epoch;
     meta.global_step = s.global_step;
@@ -145,13 +170,58 @@ void write_checkpoint(Trainer& trainer, const std::string& path) {
   s.strategy->barrier();
 }
 
+namespace {
+
+/// Gives each parameter of the (unsharded) optimizers its consolidated state, so that a
+/// sharded checkpoint resumes on one process or under DDP with its optimizer state.
+void load_consolidated_optimizers(Trainer::Impl& s, const ConsolidatedState& state, const std::string& path) {
+  std::map<const c10::TensorImpl*, std::string> names;
+  for (auto& item : s.module->named_parameters())
+    names[item.value().unsafeGetTensorImpl()] = item.key();
+  for (auto& opt : s.optimizers) {
+    for (auto& group : opt->param_groups())
+      for (auto& p : group.params()) {
+        auto name = names.find(p.unsafeGetTensorImpl());
+        if (name == names.end())
+          continue;
+        auto it = state.optimizer.find(name->second);
+        if (it == state.optimizer.end())
+          continue; // saved before this parameter's first step
+        try {
+          set_optimizer_state(*opt, p, it->second);
+        } catch (const Error& e) {
+          throw Error(Errc::invalid_config, "checkpoint '" + path + "' is sharded and holds "
+                                              "element-wise optimizer state: " + e.what());
+        }
+      }
+  }
+}
+
+} // namespace
+
 void restore_checkpoint(Trainer& trainer, const std::string& path) {
   auto& s = trainer.impl();
   auto ckpt = Checkpoint::open(path);
   ckpt.validate();
-  s.strategy->load_model_state_dict(ckpt.model_state_dict());
-  if (ckpt.has_file("optimizer.pt"))
-    load_optimizers(s, read_file(ckpt.file("optimizer.pt")), path);
+  auto& strategy = *s.strategy;
+  if (is_sharded(ckpt)) {
+    if (strategy.sharded_checkpoints()) {
+      strategy.load_sharded(ckpt); // parameters and optimizer state, resharded as needed
+    } else {
+      auto state = consolidate(ckpt);
+      strategy.load_model_state_dict(state.model);
+      load_consolidated_optimizers(s, state, path);
+    }
+  } else {
+    strategy.load_model_state_dict(ckpt.model_state_dict());
+    if (ckpt.has_file("optimizer.pt")) {
+      if (strategy.sharded_checkpoints())
+        spdlog::warn("caftrain: '{}' is unsharded; strategy '{}' restores its weights but not its "
+                     "optimizer state", path, strategy.name());
+      else
+        load_optimizers(s, read_file(ckpt.file("optimizer.pt")), path);
+    }
+  }
   if (!ckpt.has_file("trainer_state.json"))
     throw Error(Errc::corrupt_checkpoint,
                 "checkpoint '" + path + "' has no trainer_state.json; it holds weights only "

@@ -1,0 +1,308 @@
+#include "strategies/fsdp_strategy.hpp"
+
+#include <algorithm>
+#include <functional>
+#include <set>
+
+#include <ATen/record_function.h>
+#include <torch/torch.h>
+
+#include "core/error.hpp"
+
+namespace caftrain {
+
+namespace {
+
+/// The FSDP strategy whose units this thread computes, and whether the thread is inside
+/// one of the strategy's own operations (which must not trigger gathers themselves).
+thread_local FSDPStrategy* active = nullptr;
+thread_local bool internal = false;
+
+struct Internal {
+  Internal() : previous(internal) {
+    internal = true;
+  }
+  ~Internal() {
+    internal = previous;
+  }
+  bool previous;
+};
+
+void collect(const c10::IValue& value, FSDPStrategy& fsdp, std::vector<size_t>& touched) {
+  auto add = [&](const at::Tensor& t) {
+    if (!t.defined() || !t.has_storage())
+      return;
+    auto f = fsdp.flat_of(t.storage().unsafeGetStorageImpl());
+    if (f >= 0 && std::find(touched.begin(), touched.end(), static_cast<size_t>(f)) == touched.end())
+      touched.push_back(static_cast<size_t>(f));
+  };
+  if (value.isTensor())
+    add(value.toTensor());
+  else if (value.isTensorList())
+    for (const at::Tensor& t : value.toTensorVector())
+      add(t);
+}
+
+std::unique_ptr<at::ObserverContext> observe(const at::RecordFunction& fn) {
+  if (!active || internal)
+    return nullptr;
+  std::vector<size_t> touched;
+  for (auto& input : fn.inputs())
+    collect(input, *active, touched);
+  if (!touched.empty())
+    active->on_access(touched);
+  return nullptr;
+}
+
+int64_t count_params(torch::nn::Module& m, const std::set<const c10::TensorImpl*>& taken) {
+  int64_t n = 0;
+  for (auto& p : m.parameters(/*recurse=*/true))
+    if (!taken.count(p.unsafeGetTensorImpl()))
+      n += p.numel();
+  return n;
+}
+
+} // namespace
+
+const char* to_string(ShardingStrategy strategy) {
+  switch (strategy) {
+    case ShardingStrategy::FULL_SHARD: return "FULL_SHARD";
+    case ShardingStrategy::SHARD_GRAD_OP: return "SHARD_GRAD_OP";
+    case ShardingStrategy::NO_SHARD: return "NO_SHARD";
+  }
+  return "?";
+}
+
+FSDPStrategy::FSDPStrategy(FSDPOptions options) : options_(options) {
+  if (options_.min_num_params < 0)
+    throw Error(Errc::invalid_config, "FSDPStrategy: min_num_params must not be negative");
+}
+
+FSDPStrategy::FSDPStrategy(const FSDPStrategy& other) : ShardedStrategy(), options_(other.options_) {
+  // A copy starts unconfigured: units, flats and the observer belong to one setup.
+}
+
+FSDPStrategy::~FSDPStrategy() {
+  if (observing_ && active == this)
+    active = nullptr;
+  if (observing_)
+    at::removeCallback(observer_);
+}
+
+std::string FSDPStrategy::name() const {
+  return "fsdp";
+}
+
+void FSDPStrategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnvironment> environment,
+                         c10::Device device) {
+  ShardedStrategy::setup(module, std::move(environment), device);
+  assign_units(module);
+}
+
+void FSDPStrategy::assign_units(torch::nn::Module& root) {
+  unit_names_.clear();
+  unit_of_.clear();
+  std::set<const c10::TensorImpl*> taken;
+  auto claim = [&](torch::nn::Module& m, const std::string& name) {
+    bool any = false;
+    for (auto& p : m.parameters(true))
+      if (!taken.count(p.unsafeGetTensorImpl())) {
+        taken.insert(p.unsafeGetTensorImpl());
+        unit_of_[p.unsafeGetTensorImpl()] = unit_names_.size();
+        any = true;
+      }
+    if (any)
+      unit_names_.push_back(name);
+  };
+  if (options_.min_num_params == 0) {
+    for (auto& child : root.named_children())
+      claim(*child.value(), child.key());
+  } else {
+    // Deepest first: a submodule with enough parameters not yet wrapped becomes a unit.
+    std::function<void(torch::nn::Module&, const std::string&)> visit =
+      [&](torch::nn::Module& m, const std::string& prefix) {
+        for (auto& child : m.named_children()) {
+          auto path = prefix.empty() ? child.key() : prefix + "." + child.key();
+          visit(*child.value(), path);
+          if (count_params(*child.value(), taken) >= options_.min_num_params)
+            claim(*child.value(), path);
+        }
+      };
+    visit(root, "");
+  }
+  claim(root, ""); // whatever is left
+}
+
+std::vector<std::vector<std::pair<std::string, at::Tensor>>>
+FSDPStrategy::partition(const std::vector<std::pair<std::string, at::Tensor>>& params) {
+  std::map<size_t, std::vector<std::pair<std::string, at::Tensor>>> by_unit;
+  for (auto& item : params)
+    by_unit[unit_of_.at(item.second.unsafeGetTensorImpl())].push_back(item);
+  // Units in reverse registration order: the order backward produces their gradients.
+  std::vector<std::vector<std::pair<std::string, at::Tensor>>> result;
+  for (auto it = by_unit.rbegin(); it != by_unit.rend(); ++it)
+    result.push_back(it->second);
+  return result;
+}
+
+void FSDPStrategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) {
+  ShardedStrategy::setup_optimizers(optimizers);
+  storage_to_flat_.clear();
+  for (size_t f = 0; f < flats_.size(); ++f)
+    storage_to_flat_[flats_[f]->full().storage().unsafeGetStorageImpl()] = f;
+  lru_.clear();
+  if (options_.sharding_strategy != ShardingStrategy::NO_SHARD)
+    for (size_t f = 0; f < flats_.size(); ++f)
+      flats_[f]->free_full(); // at rest: shards only
+  else
+    for (size_t f = 0; f < flats_.size(); ++f)
+      lru_.push_back(f);
+  if (active && active != this)
+    throw Error(Errc::invalid_config, "another FSDPStrategy is active on this thread; one fit at "
+                                      "a time per thread");
+  active = this;
+  observer_ = at::addThreadLocalCallback(
+    at::RecordFunctionCallback(&observe)
+      .needsInputs(true)
+      .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
+  observing_ = true;
+}
+
+void FSDPStrategy::teardown() {
+  {
+    Internal guard;
+    for (size_t f = 0; f < flats_.size(); ++f)
+      ensure_gathered(f); // the module is an ordinary one again
+  }
+  if (observing_) {
+    at::removeCallback(observer_);
+    observing_ = false;
+  }
+  if (active == this)
+    active = nullptr;
+  ShardedStrategy::teardown();
+}
+
+int64_t FSDPStrategy::flat_of(const c10::StorageImpl* storage) const {
+  auto it = storage_to_flat_.find(storage);
+  return it == storage_to_flat_.end() ? -1 : static_cast<int64_t>(it->second);
+}
+
+size_t FSDPStrategy::capacity() const {
+  return options_.forward_prefetch ? 3 : 2;
+}
+
+void FSDPStrategy::ensure_gathered(size_t f) {
+  Internal guard;
+  auto& flat = *flats_[f];
+  auto pending = prefetching_.find(f);
+  if (pending != prefetching_.end()) {
+    auto work = pending->second;
+    prefetching_.erase(pending);
+    if (work)
+      work->wait();
+  } else if (!flat.gathered()) {
+    ++gathers_;
+    add_transient(flat.full_bytes());
+    auto work = flat.gather(communicator_.get());
+    if (work)
+      work->wait();
+  }
+  lru_.remove(f);
+  lru_.push_front(f);
+}
+
+void FSDPStrategy::free_flat(size_t f) {
+  auto& flat = *flats_[f];
+  if (!flat.gathered() || options_.sharding_strategy == ShardingStrategy::NO_SHARD)
+    return;
+  flat.free_full();
+  transient_ -= flat.full_bytes();
+  lru_.remove(f);
+}
+
+void FSDPStrategy::free_all() {
+  Internal guard;
+  for (auto& [f, work] : prefetching_)
+    if (work)
+      work->wait();
+  prefetching_.clear();
+  for (size_t f = 0; f < flats_.size(); ++f)
+    free_flat(f);
+}
+
+void FSDPStrategy::on_access(const std::vector<size_t>& touched) {
+  Internal guard;
+  bool new_gather = false;
+  for (auto f : touched) {
+    if (!flats_[f]->gathered() || prefetching_.count(f)) {
+      new_gather = true;
+      if (!order_recorded_ && torch::GradMode::is_enabled() &&
+          std::find(forward_order_.begin(), forward_order_.end(), f) == forward_order_.end())
+        forward_order_.push_back(f);
+    }
+    ensure_gathered(f);
+  }
+  if (options_.sharding_strategy == ShardingStrategy::FULL_SHARD) {
+    // Free the least recently used units beyond the capacity (never one this op reads).
+    while (lru_.size() > capacity()) {
+      auto victim = std::find_if(lru_.rbegin(), lru_.rend(), [&](size_t f) {
+        return std::find(touched.begin(), touched.end(), f) == touched.end() &&
+               !prefetching_.count(f);
+      });
+      if (victim == lru_.rend())
+        break;
+      free_flat(*victim);
+    }
+  }
+  if (options_.forward_prefetch && new_gather && order_recorded_ && torch::GradMode::is_enabled()) {
+    // Start gathering the unit that came next in the first forward.
+    auto pos = std::find(forward_order_.begin(), forward_order_.end(), touched.front());
+    if (pos != forward_order_.end() && std::next(pos) != forward_order_.end()) {
+      auto next = *std::next(pos);
+      if (!flats_[next]->gathered() && !prefetching_.count(next)) {
+        ++gathers_;
+        add_transient(flats_[next]->full_bytes());
+        prefetching_[next] = flats_[next]->gather(communicator_.get());
+        lru_.remove(next);
+        lru_.push_front(next);
+      }
+    }
+  }
+}
+
+void FSDPStrategy::after_step(const std::vector<size_t>& flats) {
+  Internal guard;
+  order_recorded_ = true; // the first step's forward order is the order
+  if (options_.sharding_strategy == ShardingStrategy::NO_SHARD) {
+    for (auto f : flats)
+      flats_[f]->gather(nullptr); // world 1: copy the stepped shard into the parameters
+    return;
+  }
+  for (auto f : flats) {
+    auto pending = prefetching_.find(f);
+    if (pending != prefetching_.end()) {
+      if (pending->second)
+        pending->second->wait();
+      prefetching_.erase(pending);
+    }
+    free_flat(f); // stale now: gathered again from the new shards at the next use
+  }
+}
+
+StateDict FSDPStrategy::model_state_dict() {
+  Internal guard;
+  auto result = ShardedStrategy::model_state_dict();
+  if (options_.sharding_strategy == ShardingStrategy::FULL_SHARD)
+    free_all();
+  return result;
+}
+
+void FSDPStrategy::load_model_state_dict(const StateDict& state, bool strict) {
+  Internal guard;
+  ShardedStrategy::load_model_state_dict(state, strict);
+  if (options_.sharding_strategy != ShardingStrategy::NO_SHARD)
+    free_all();
+}
+
+} // namespace caftrain
