@@ -12,10 +12,14 @@
 #include <torch/torch.h>
 
 #include "actors/messages.hpp"
+#include "actors/torch_trainer.hpp"
 #include "core/error.hpp"
 #include "environment/actor_store.hpp"
 #include "checkpoint/files.hpp"
 #include "environment/gloo_communicator.hpp"
+#ifdef CAFTRAIN_WITH_NCCL
+#include "environment/nccl_communicator.hpp"
+#endif
 #include "train/session.hpp"
 
 namespace caftrain {
@@ -71,6 +75,7 @@ class ActorSession : public Session {
       return report_files(metrics, files);
     std::lock_guard<std::mutex> guard(reporter_mtx_);
     reporter_ = std::thread([this, metrics, files = std::move(files)] {
+      lower_thread_priority(); // the training threads keep the cores
       try {
         report_files(metrics, files);
       } catch (...) {
@@ -171,10 +176,28 @@ class ActorSession : public Session {
     }
     auto store = std::make_shared<PrefixStore>("attempt_" + std::to_string(ctx.attempt),
                                                std::make_shared<ActorStore>(sys_, spec_.trainer));
-    GlooOptions options;
-    options.timeout = spec_.run->options.run.collective_timeout;
-    auto comm = GlooCommunicator::create(store, static_cast<int>(ctx.world_rank),
-                                         static_cast<int>(ctx.world_size), options);
+    std::shared_ptr<Communicator> comm;
+    if (resolve_backend(spec_.run->options) == "nccl") {
+#ifdef CAFTRAIN_WITH_NCCL
+      NcclOptions options;
+      options.timeout = spec_.run->options.run.collective_timeout;
+      c10::Device device(ctx.device); // the worker's "cuda:<index>"
+      if (device.is_cuda() && device.has_index())
+        options.device = device.index();
+      comm = NcclCommunicator::create(store, static_cast<int>(ctx.world_rank),
+                                      static_cast<int>(ctx.world_size), options);
+#else
+      throw Error(Errc::unavailable,
+                  "TorchConfig.backend \"nccl\": this build of caftrain has no NCCL backend; "
+                  "rebuild it where CUDA and NCCL are installed (-DCAFTRAIN_WITH_NCCL=ON, "
+                  "against a CUDA-enabled libtorch), or use the \"gloo\" backend");
+#endif
+    } else {
+      GlooOptions options;
+      options.timeout = spec_.run->options.run.collective_timeout;
+      comm = GlooCommunicator::create(store, static_cast<int>(ctx.world_rank),
+                                      static_cast<int>(ctx.world_size), options);
+    }
     std::lock_guard<std::mutex> guard(mtx_);
     communicator_ = comm;
     if (stop_.load())

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include <caf/actor.hpp>
 #include <caf/fwd.hpp>
 #include <caf/stateful_actor.hpp>
 
