@@ -674,6 +674,7 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
 }
 
 caf::behavior persister_actor(caf::event_based_actor* self) {
+  lower_thread_priority(); // detached: this thread is the persister's alone
   return {
     [=](persist_atom, PersistRequest& req) -> caf::result<Checkpoint> {
       try {

@@ -1,6 +1,8 @@
 #include "checkpoint/files.hpp"
 
 #include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -77,6 +79,13 @@ void write_atomic(const std::string& path, const char* data, size_t size) {
 }
 
 } // namespace
+
+void lower_thread_priority() {
+  // On Linux PRIO_PROCESS with a thread id sets that thread's nice value; raising it needs
+  // no privilege. Best effort: a failure only means the writer competes at full priority.
+  auto tid = static_cast<id_t>(::syscall(SYS_gettid));
+  (void)::setpriority(PRIO_PROCESS, tid, 10);
+}
 
 void write_file_started(const std::string& path, const std::vector<char>& bytes) {
   Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));

@@ -18,6 +18,10 @@ void write_file_atomic(const std::string& path, const std::string& text);
 /// Flushes a file's or a directory's contents and metadata to disk.
 void fsync_path(const std::string& path);
 
+/// Lowers the calling thread's CPU priority (nice 10), for threads that write checkpoints
+/// in the background: the training threads keep the cores, the writer uses what they leave.
+void lower_thread_priority();
+
 /// Writes `bytes` to `path` (created or truncated) and starts its writeback without
 /// waiting for it: the file is durable only after a later `fsync_path(path)`. For files
 /// of a private staging directory that is made durable, and published, as a whole.
