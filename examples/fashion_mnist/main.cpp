@@ -3,6 +3,9 @@
 //   build/examples/fashion_mnist --workers 2        # DDP on 2 local workers (the seed's Ray tab)
 //   build/examples/fashion_mnist                    # one process, no actors (the Lightning tab)
 //   build/examples/fashion_mnist --workers 2 --full # the seed's run: 10 epochs, every batch
+//   build/examples/fashion_mnist --workers 2 --strategy fsdp   # RayFSDPStrategy's counterpart
+//   build/examples/fashion_mnist --workers 2 --strategy zero_stage_2 # RayDeepSpeedStrategy's
+//   build/examples/fashion_mnist --workers 1 --gpu  # on a CUDA GPU over NCCL (GPU builds)
 //
 // By default 1 epoch of 100 batches (per worker) and 20 validation batches, which take a
 // few minutes on 2 cores. Prints the progress bar of rank 0, the reported metrics, and at
@@ -75,13 +78,17 @@ struct Flags {
   bool full = false;
   std::string data = caftrain::data::FashionMNIST::default_root;
   std::string output = "runs/fashion_mnist";
+  std::string strategy = "ddp";
+  bool gpu = false;
 };
 
 [[noreturn]] void usage(const std::string& problem) {
   std::cerr << "fashion_mnist: " << problem << "\n"
             << "flags: --workers N (0: this process, no actors)  --epochs N\n"
             << "       --limit-train-batches N  --limit-val-batches N  --batch-size N\n"
-            << "       --threads N (default: all cores)  --full  --data DIR  --output DIR\n";
+            << "       --threads N (default: all cores)  --full  --data DIR  --output DIR\n"
+            << "       --strategy ddp|zero_stage_1|zero_stage_2|fsdp (with --workers; default ddp)\n"
+            << "       --gpu (workers on CUDA GPUs, NCCL; with --workers)\n";
   std::exit(2);
 }
 
@@ -120,6 +127,10 @@ Flags parse(int argc, char** argv) {
       f.data = value();
     else if (a == "--output")
       f.output = value();
+    else if (a == "--strategy")
+      f.strategy = value();
+    else if (a == "--gpu")
+      f.gpu = true;
     else
       usage("unknown flag " + a);
   }
@@ -172,7 +183,7 @@ void train_func(const caftrain::Config& config) {
   caftrain::Trainer trainer({.max_epochs = config.get<int64_t>("epochs"),
                              .devices = "auto",
                              .accelerator = "auto",
-                             .strategy = caftrain::DDPStrategy(),
+                             .strategy = config.get<std::string>("strategy"),
                              .plugins = {caftrain::ActorEnvironment()},
                              .callbacks = {caftrain::ReportCallback()},
                              .limit_train_batches = limit(config.get<int64_t>("limit_train_batches")),
@@ -198,8 +209,9 @@ int run_distributed(const Flags& flags) {
                            {"limit_train_batches", flags.limit_train_batches},
                            {"limit_val_batches", flags.limit_val_batches},
                            {"batch_size", flags.batch_size},
-                           {"output", flags.output}},
-     .scaling = {.num_workers = flags.workers, .use_gpu = false},
+                           {"output", flags.output},
+                           {"strategy", flags.strategy}},
+     .scaling = {.num_workers = flags.workers, .use_gpu = flags.gpu},
      .run = {.name = "fashion_mnist_" + std::to_string(::getpid()),
              .storage_path = flags.output,
              .failure = {.max_failures = 3},
@@ -227,6 +239,8 @@ int main(int argc, char** argv) {
   auto flags = parse(argc, argv);
   if (flags.workers < 0)
     usage("--workers must be 0 (this process) or more");
+  if (flags.workers == 0 && (flags.strategy != "ddp" || flags.gpu))
+    usage("--strategy and --gpu choose how workers train; add --workers N");
   // libtorch may default to fewer threads than cores; use them all unless told otherwise.
   // (Workers of a TorchTrainer set their own share: cores / workers.)
   torch::set_num_threads(flags.threads > 0 ? static_cast<int>(flags.threads)
