@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.hpp"
 #include "environment/gloo_communicator.hpp"
 #include "environment/store.hpp"
 
@@ -32,6 +33,8 @@ using namespace caftrain;
 using Clock = std::chrono::steady_clock;
 
 namespace {
+
+using caftrain::bench::median;
 
 constexpr int kRanks = 2;
 constexpr size_t kBytesPerSize = 256u << 20; // repetitions move about this much per size,
@@ -96,10 +99,6 @@ double seconds_of(const std::function<void()>& fn) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-double median(std::vector<double> xs) {
-  std::sort(xs.begin(), xs.end());
-  return xs[xs.size() / 2];
-}
 
 std::string human(size_t bytes) {
   return bytes >= (1u << 20) ? std::to_string(bytes >> 20) + " MiB"

@@ -32,9 +32,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.hpp"
 #include "caftrain.hpp"
 
 namespace {
+
+using caftrain::bench::median;
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
@@ -175,15 +178,7 @@ double dd_seconds(const std::string& dir, uint64_t mib) {
   auto target = (fs::path(dir) / "ddtest").string();
   auto cmd = "dd if=/dev/zero of=" + target + " bs=1M count=" + std::to_string(mib) +
              " conv=fsync 2>&1";
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  if (!pipe)
-    throw std::runtime_error("cannot run " + cmd);
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0)
-    out.append(buf.data(), n);
-  ::pclose(pipe);
+  auto out = caftrain::bench::capture(cmd);
   std::error_code ec;
   fs::remove(target, ec);
   std::smatch m;
@@ -192,10 +187,6 @@ double dd_seconds(const std::string& dir, uint64_t mib) {
   return std::stod(m[1]);
 }
 
-double median(std::vector<double> xs) {
-  std::sort(xs.begin(), xs.end());
-  return xs[xs.size() / 2];
-}
 
 Flags parse(int argc, char** argv) {
   Flags f;

@@ -21,9 +21,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.hpp"
 #include "caftrain.hpp"
 
 namespace {
+
+using caftrain::bench::median;
 
 struct Flags {
   std::string model = "mlp";
@@ -127,25 +130,13 @@ double run_anchor(const Flags& f) {
              std::to_string(f.workers) + " --threads " + std::to_string(f.threads) +
              " --batch " + std::to_string(f.batch) + " --steps " + std::to_string(f.steps) +
              " --warmup " + std::to_string(f.warmup) + " 2>/dev/null";
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  if (!pipe)
-    throw std::runtime_error("cannot run " + cmd);
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0)
-    out.append(buf.data(), n);
-  ::pclose(pipe);
+  auto out = caftrain::bench::capture(cmd);
   std::smatch m;
   if (!std::regex_search(out, m, std::regex("\"samples_per_s\": ([0-9.eE+-]+)")))
     throw std::runtime_error("the anchor printed no samples_per_s: " + out);
   return std::stod(m[1]);
 }
 
-double median(std::vector<double> xs) {
-  std::sort(xs.begin(), xs.end());
-  return xs[xs.size() / 2];
-}
 
 Flags parse(int argc, char** argv) {
   Flags f;

@@ -27,9 +27,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.hpp"
 #include "caftrain.hpp"
 
 namespace {
+
+using caftrain::bench::median;
 
 using Clock = std::chrono::steady_clock;
 
@@ -220,10 +223,6 @@ Sample run_once(caf::actor_system& sys, const Flags& f, int64_t repeat) {
            {"first training step", m.between("restored", "first_step")}}};
 }
 
-double median(std::vector<double> xs) {
-  std::sort(xs.begin(), xs.end());
-  return xs[xs.size() / 2];
-}
 
 Flags parse(int argc, char** argv) {
   Flags f;

@@ -30,9 +30,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.hpp"
 #include "caftrain.hpp"
 
 namespace {
+
+using caftrain::bench::median;
 
 using Clock = std::chrono::steady_clock;
 
@@ -155,10 +158,6 @@ int64_t peak_rss_kib() {
   return -1;
 }
 
-double median(std::vector<double> xs) {
-  std::sort(xs.begin(), xs.end());
-  return xs.empty() ? 0 : xs[xs.size() / 2];
-}
 
 int run_child(const Flags& f) {
   caf::actor_system_config cfg;
@@ -201,15 +200,7 @@ void run_parent_child(const std::string& self, const Flags& f, const std::string
       << f.threads << " --batch " << f.batch << " --hidden " << f.hidden << " --layers "
       << f.layers << " --steps " << f.steps << " --warmup " << f.warmup << " --backend "
       << f.backend << " 2>&1";
-  FILE* pipe = ::popen(cmd.str().c_str(), "r");
-  if (!pipe)
-    throw std::runtime_error("cannot run " + cmd.str());
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0)
-    out.append(buf.data(), n);
-  ::pclose(pipe);
+  auto out = caftrain::bench::capture(cmd.str());
   std::smatch m;
   std::regex re("RESULT (\\S+) ([0-9.]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+)");
   if (!std::regex_search(out, m, re))
