@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_models.hpp"
 #include "bench/bench_util.hpp"
 #include "caftrain.hpp"
 
@@ -54,26 +55,7 @@ struct Flags {
   std::string dir = "/tmp/caftrain_bench";
 };
 
-class Classifier : public caftrain::LightningModule {
- public:
-  explicit Classifier(const std::string& kind) {
-    if (kind == "resnet18")
-      resnet = register_module("model", caftrain::models::ResNet18());
-    else
-      mlp = register_module("model", caftrain::models::MLP());
-  }
-  torch::Tensor training_step(const caftrain::Batch& b, int64_t) override {
-    auto out = resnet ? resnet->forward(b.data) : mlp->forward(b.data);
-    auto loss = torch::nn::functional::cross_entropy(out, b.target);
-    log("loss", loss);
-    return loss;
-  }
-  caftrain::Optimizers configure_optimizers() override {
-    return std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-3));
-  }
-  caftrain::models::ResNet18 resnet{nullptr};
-  caftrain::models::MLP mlp{nullptr};
-};
+using caftrain::bench::Classifier;
 
 /// Times the steps after the warm-up until the end of training, between barriers; the end
 /// waits for background checkpoint reports, so async checkpoints are counted until durable.

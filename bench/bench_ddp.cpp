@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_models.hpp"
 #include "bench/bench_util.hpp"
 #include "caftrain.hpp"
 
@@ -41,27 +42,7 @@ struct Flags {
   std::string anchor = "../shared/anchors/torch_ddp_baseline.py";
 };
 
-/// The anchor's model and loss, step for step.
-class Classifier : public caftrain::LightningModule {
- public:
-  explicit Classifier(const std::string& kind) {
-    if (kind == "resnet18")
-      resnet = register_module("model", caftrain::models::ResNet18());
-    else
-      mlp = register_module("model", caftrain::models::MLP());
-  }
-  torch::Tensor training_step(const caftrain::Batch& b, int64_t) override {
-    auto out = resnet ? resnet->forward(b.data) : mlp->forward(b.data);
-    auto loss = torch::nn::functional::cross_entropy(out, b.target);
-    log("loss", loss);
-    return loss;
-  }
-  caftrain::Optimizers configure_optimizers() override {
-    return std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-3));
-  }
-  caftrain::models::ResNet18 resnet{nullptr};
-  caftrain::models::MLP mlp{nullptr};
-};
+using caftrain::bench::Classifier;
 
 /// Times the steps after the warm-up, between two barriers, as the anchor does.
 class Timer : public caftrain::Callback {

@@ -3,8 +3,11 @@
 
 #include <torch/torch.h>
 
+#include <caf/all.hpp>
+
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -86,29 +89,49 @@ std::string python_with_torch();
 /// Runs `script` with Python; returns its exit code and fills `output` with stdout.
 int run_python(const std::string& script, std::string& output);
 
+/// An actor system with caftrain's message types registered (`caftrain::init`).
+struct ActorSystem {
+  ActorSystem() : sys(init_cfg(cfg)) {}
+  static caf::actor_system_config& init_cfg(caf::actor_system_config& cfg) {
+    init(cfg);
+    return cfg;
+  }
+  caf::actor_system_config cfg;
+  caf::actor_system sys;
+};
+
+/// Runs `fn(rank)` for every rank on its own thread and rethrows the first rank's
+/// exception once all have ended (Catch's assertions are not thread-safe: ranks only
+/// compute, the test thread checks).
+inline void run_ranks(int size, const std::function<void(int)>& fn) {
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(size));
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < size; ++rank)
+    threads.emplace_back([&, rank] {
+      try {
+        fn(rank);
+      } catch (...) {
+        errors[static_cast<size_t>(rank)] = std::current_exception();
+      }
+    });
+  for (auto& thread : threads)
+    thread.join();
+  for (auto& error : errors)
+    if (error)
+      std::rethrow_exception(error);
+}
+
 /// Runs `fn(rank, communicator)` on `world` threads joined by gloo over loopback (one
 /// intra-op thread each, 20 s collective timeout); rethrows the first failure.
 template <class F>
 void run_gloo_ranks(int world, F fn) {
   auto store = std::make_shared<InMemoryStore>();
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(world));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < world; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        torch::set_num_threads(1);
-        auto comm = GlooCommunicator::create(std::make_shared<PrefixStore>("test", store), r, world,
-                                             {.timeout = std::chrono::seconds(20)});
-        fn(r, comm);
-      } catch (...) {
-        errors[static_cast<size_t>(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads)
-    t.join();
-  for (auto& e : errors)
-    if (e)
-      std::rethrow_exception(e);
+  run_ranks(world, [&](int r) {
+    torch::set_num_threads(1);
+    auto comm = GlooCommunicator::create(std::make_shared<PrefixStore>("test", store), r, world,
+                                         {.timeout = std::chrono::seconds(20)});
+    fn(r, comm);
+  });
 }
 
 } // namespace caftrain::test

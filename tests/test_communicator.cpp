@@ -15,6 +15,7 @@
 #include "core/error.hpp"
 #include "environment/gloo_communicator.hpp"
 #include "environment/store.hpp"
+#include "helpers.hpp"
 
 using namespace caftrain;
 using namespace std::chrono_literals;
@@ -28,26 +29,7 @@ const std::vector<int64_t> kNumels = {1, 7, 1001, 262147}; // the last is > 256K
 const std::vector<ReduceOp> kOps = {ReduceOp::sum, ReduceOp::avg, ReduceOp::min, ReduceOp::max,
                                     ReduceOp::product};
 
-/// Runs `fn(rank)` for every rank on its own thread and rethrows the first rank's
-/// exception once all have ended (Catch's assertions are not thread-safe: ranks only
-/// compute, the test thread checks).
-void run_ranks(int size, const std::function<void(int)>& fn) {
-  std::vector<std::exception_ptr> errors(size);
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < size; ++rank)
-    threads.emplace_back([&, rank] {
-      try {
-        fn(rank);
-      } catch (...) {
-        errors[rank] = std::current_exception();
-      }
-    });
-  for (auto& thread : threads)
-    thread.join();
-  for (auto& error : errors)
-    if (error)
-      std::rethrow_exception(error);
-}
+using test::run_ranks;
 
 /// `size` communicators rendezvoused concurrently, each rank through its own PrefixStore
 /// over one shared store.

@@ -13,15 +13,7 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-struct System {
-  System() : sys(init_cfg(cfg)) {}
-  static caf::actor_system_config& init_cfg(caf::actor_system_config& cfg) {
-    init(cfg);
-    return cfg;
-  }
-  caf::actor_system_config cfg;
-  caf::actor_system sys;
-};
+using System = test::ActorSystem;
 
 class Classifier : public LightningModule {
  public:

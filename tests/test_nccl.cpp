@@ -26,6 +26,7 @@ TEST_CASE("the NCCL tests are skipped in a build without the NCCL backend", "[nc
 #include "core/error.hpp"
 #include "environment/nccl_communicator.hpp"
 #include "environment/store.hpp"
+#include "helpers.hpp"
 
 using namespace caftrain;
 using namespace std::chrono_literals;
@@ -61,26 +62,7 @@ at::Device gpu(int index) {
   return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));
 }
 
-/// Runs `fn(rank)` for every rank on its own thread and rethrows the first rank's
-/// exception once all have ended (Catch's assertions are not thread-safe: ranks only
-/// compute, the test thread checks).
-void run_ranks(int size, const std::function<void(int)>& fn) {
-  std::vector<std::exception_ptr> errors(size);
-  std::vector<std::thread> threads;
-  for (int rank = 0; rank < size; ++rank)
-    threads.emplace_back([&, rank] {
-      try {
-        fn(rank);
-      } catch (...) {
-        errors[rank] = std::current_exception();
-      }
-    });
-  for (auto& thread : threads)
-    thread.join();
-  for (auto& error : errors)
-    if (error)
-      std::rethrow_exception(error);
-}
+using test::run_ranks;
 
 /// `size` communicators rendezvoused concurrently, rank r on GPU r, each rank through its
 /// own PrefixStore over one shared store.

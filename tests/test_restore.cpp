@@ -26,15 +26,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct System {
-  System() : sys(init_cfg(cfg)) {}
-  static caf::actor_system_config& init_cfg(caf::actor_system_config& cfg) {
-    init(cfg);
-    return cfg;
-  }
-  caf::actor_system_config cfg;
-  caf::actor_system sys;
-};
+using System = test::ActorSystem;
 
 /// A child process (fork + exec) with stdout and stderr in a log file; killed and reaped
 /// when the object dies, so that no failed assertion leaves it running.

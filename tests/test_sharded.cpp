@@ -414,15 +414,7 @@ TEST_CASE("A consolidated sharded checkpoint is a state dict Python's torch.load
 
 namespace {
 
-struct System {
-  System() : sys(init_cfg(cfg)) {}
-  static caf::actor_system_config& init_cfg(caf::actor_system_config& cfg) {
-    init(cfg);
-    return cfg;
-  }
-  caf::actor_system_config cfg;
-  caf::actor_system sys;
-};
+using System = test::ActorSystem;
 
 /// Throws on rank 1 at global step `fail_step` of the first attempt.
 class Injector : public Callback {

@@ -16,15 +16,7 @@ using Catch::Matchers::Contains;
 namespace {
 
 /// An actor system with caftrain's types registered, as a program would make one.
-struct System {
-  System() : sys(init_cfg(cfg)) {}
-  static caf::actor_system_config& init_cfg(caf::actor_system_config& cfg) {
-    init(cfg);
-    return cfg;
-  }
-  caf::actor_system_config cfg;
-  caf::actor_system sys;
-};
+using System = test::ActorSystem;
 
 TorchTrainerOptions options_in(const test::TempDir& dir, int64_t workers) {
   TorchTrainerOptions o;
