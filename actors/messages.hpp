@@ -33,7 +33,8 @@ using status_atom = caf::atom_constant<caf::atom("status")>;
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
 /// (done_atom, Result): sent to subscribers when the run ends.
 using done_atom = caf::atom_constant<caf::atom("done")>;
-/// (report_atom, WorkerReport) -> ack_atom: a rank's report; answered when complete.
+/// (report_atom, WorkerReport) -> (ack_atom, Checkpoint): a rank's report; answered when
+/// complete, with the checkpoint it persisted (an invalid one when it carried none).
 using report_atom = caf::atom_constant<caf::atom("report")>;
 /// Acknowledges a report.
 using ack_atom = caf::atom_constant<caf::atom("ack")>;
@@ -61,6 +62,9 @@ struct WorkerReport {
   Metrics metrics;
   /// Directory of this rank's checkpoint files, or "".
   std::string checkpoint_dir;
+  /// Name of the checkpoint's directory in the run directory; "" (default) names it
+  /// checkpoint_<index>.
+  std::string checkpoint_dir_name;
 };
 
 /// The end of a worker's training thread.
@@ -112,14 +116,14 @@ typename Inspector::result_type inspect(Inspector& f, ReportRecord& x) {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, RunStatus& x) {
-  return f(caf::meta::type_name("RunStatus"), x.state, x.attempt, x.failures, x.reports,
-           x.latest, x.path);
+  return f(caf::meta::type_name("RunStatus"), x.state, x.states, x.attempt, x.failures,
+           x.reports, x.latest, x.path);
 }
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, WorkerReport& x) {
   return f(caf::meta::type_name("WorkerReport"), x.rank, x.attempt, x.index, x.metrics,
-           x.checkpoint_dir);
+           x.checkpoint_dir, x.checkpoint_dir_name);
 }
 
 template <class Inspector>

@@ -50,6 +50,30 @@ struct ReportRecord {
 
 /// The outcome of a run (Ray's Result).
 struct Result {
+  // -- reading a run from disk ---------------------------------------------------------
+
+  /// The Result of the run stored in `path` (a run directory), as a later process sees
+  /// it (Ray's `Result.from_path`): metrics and history (with attempts) from result.json
+  /// or, for a run that never ended (its process died, or it still runs), from
+  /// history.jsonl; the checkpoints on disk, best first by the run's CheckpointConfig;
+  /// the error of a failed or cancelled run. A run that never ended has
+  /// `error->code == Errc::bad_state` saying so. Throws `Error(invalid_config)` naming
+  /// `path` when it is missing or holds no run, `Error(corrupt_checkpoint)` when its
+  /// run.json is not valid.
+  static Result from_path(const std::string& path);
+
+  // -- queries ------------------------------------------------------------------------
+
+  /// The kept checkpoint (of `best_checkpoints`) whose `metric` is best, `mode` "max" or
+  /// "min" (Ray's `Result.get_best_checkpoint`); a NaN value is the worst, never best.
+  /// Nothing when no checkpoint is kept, or when every kept one has NaN for `metric`.
+  /// Throws `Error(invalid_argument)` for an unknown mode, and for a metric that no kept
+  /// checkpoint carries, listing those that exist.
+  std::optional<Checkpoint> get_best_checkpoint(const std::string& metric,
+                                                const std::string& mode) const;
+
+  // -- fields ---------------------------------------------------------------------------
+
   /// Rank 0's metrics of the last report.
   Metrics metrics;
   /// Every report in order (each index once; reports of a failed attempt after its
@@ -66,21 +90,37 @@ struct Result {
   /// Attempts started (1 + restarts; a restored run counts those of the earlier process).
   int64_t attempts = 0;
 
+  /// True when the run finished without an error.
   bool ok() const noexcept {
     return !error.has_value();
   }
 };
 
-/// A snapshot of a run for `status` queries.
+/// A snapshot of a run for `status` queries and `RunCallback::on_state`.
 struct RunStatus {
-  /// "pending", "running", "restarting", "finished", "failed" or "cancelled".
+  /// Where the run stands (Ray Train's run states):
+  ///  - "pending": not started yet;
+  ///  - "running": an attempt trains;
+  ///  - "stopping": the attempt's workers are being stopped (after a failure, a cancel or
+  ///    the stop criteria), before the run decides what follows;
+  ///  - "restarting": a failure will be retried; the next attempt starts ("running");
+  ///  - "finished": ended without an error (train_func returned, or stop criteria);
+  ///  - "errored": ended by a failure that is not retried (Result.error);
+  ///  - "aborted": ended by a cancel.
+  /// A failed attempt goes running -> stopping -> restarting -> running when retried and
+  /// running -> stopping -> errored when not; "errored", "finished" and "aborted" are final.
   std::string state = "pending";
+  /// Every state the run has been in, in order ("pending" first); the last is `state`.
+  std::vector<std::string> states = {"pending"};
+  /// The current attempt (0-based).
   int64_t attempt = 0;
+  /// Failures so far.
   int64_t failures = 0;
   /// Completed reports.
   int64_t reports = 0;
   /// Rank 0's metrics of the last report.
   Metrics latest;
+  /// The run directory.
   std::string path;
 };
 

@@ -15,6 +15,7 @@ namespace caftrain {
 
 struct ReportRecord;
 struct Result;
+struct RunStatus;
 
 /// The function every worker runs (Ray's train_loop_per_worker).
 using TrainFunc = std::function<void(const Config& config)>;
@@ -68,6 +69,9 @@ class RunCallback {
   /// A worker failed; the run restarts as attempt `next_attempt` (or ends, when
   /// `restarting` is false).
   virtual void on_failure(const std::string& error, int64_t next_attempt, bool restarting) {}
+  /// The run entered the state `status.state` (see `RunStatus`); `status.states` holds
+  /// every state so far.
+  virtual void on_state(const RunStatus& status) {}
   /// The run ended.
   virtual void on_finish(const Result& result) {}
 };

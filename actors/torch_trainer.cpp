@@ -9,10 +9,11 @@
 #include <thread>
 
 #include <caf/all.hpp>
-#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 #include <torch/cuda.h>
 
 #include "actors/messages.hpp"
+#include "actors/run_files.hpp"
 #include "actors/trainer_actor.hpp"
 #include "actors/worker.hpp"
 #include "checkpoint/checkpoint_manager.hpp"
@@ -46,36 +47,56 @@ std::string default_name() {
   return std::string(buf) + suffix;
 }
 
-std::string expand_home(const std::string& path) {
-  if (path.rfind("~/", 0) == 0 || path == "~") {
-    const char* home = std::getenv("HOME");
-    return std::string(home ? home : "/tmp") + path.substr(1);
-  }
-  return path;
+/// Joins `items` with "; ".
+std::string joined(const std::vector<std::string>& items) {
+  std::string text;
+  for (auto& item : items)
+    text += (text.empty() ? "" : "; ") + item;
+  return text;
 }
 
-/// The options the run was started with, saved in its directory for `restore`.
-void write_run_file(const RunSpec& spec) {
-  auto& o = spec.options;
-  nlohmann::json config = nlohmann::json::object();
-  for (auto& [k, v] : o.train_loop_config.values())
-    std::visit([&](const auto& x) { config[k] = x; }, v);
-  nlohmann::json j = {
-    {"name", spec.name},
-    {"train_loop_config", config},
-    {"backend", o.torch_config.backend},
-    {"num_workers", o.scaling.num_workers},
-    {"use_gpu", o.scaling.use_gpu},
-    {"cpus_per_worker", o.scaling.resources_per_worker.cpus},
-    {"gpus_per_worker", o.scaling.resources_per_worker.gpus},
-    {"max_failures", o.run.failure.max_failures},
-    {"num_to_keep", o.run.checkpoint.num_to_keep ? nlohmann::json(*o.run.checkpoint.num_to_keep)
-                                                  : nlohmann::json(nullptr)},
-    {"checkpoint_score_attribute", o.run.checkpoint.checkpoint_score_attribute},
-    {"checkpoint_score_order", o.run.checkpoint.checkpoint_score_order},
-    {"stop", o.run.stop},
-  };
-  write_file_atomic((fs::path(spec.dir) / "run.json").string(), j.dump(2));
+/// Makes the directory of a new TorchTrainer's run. When it holds a run of that name
+/// already, that run is resumed (Ray's behaviour): the trainer actor adopts its
+/// checkpoints and history, and the options given now replace the stored ones. Anything
+/// else in the way is refused, naming it.
+void prepare_run_directory(const RunSpec& spec) {
+  auto& dir = spec.dir;
+  std::error_code ec;
+  if (fs::exists(dir, ec) && !fs::is_directory(dir, ec))
+    refuse(Errc::invalid_config, "the run directory '" + dir +
+                                   "' exists and is not a directory; choose another "
+                                   "RunConfig.name or storage_path");
+  if (!fs::exists(dir, ec) || fs::is_empty(dir, ec)) {
+    fs::create_directories(dir, ec);
+    if (ec)
+      refuse(Errc::io_error, "cannot create run directory '" + dir + "': " + ec.message());
+    return;
+  }
+  if (!has_run_file(dir))
+    refuse(Errc::invalid_config, "the run directory '" + dir + "' exists but holds no run (it has no " +
+                                   kRunFile + "); choose another RunConfig.name or storage_path, "
+                                              "or remove the directory");
+  StoredRun stored;
+  try {
+    stored = read_run_file(dir);
+  } catch (const Error& e) {
+    refuse(e.code(), std::string("cannot resume run '") + spec.name + "': " + e.what());
+  }
+  if (stored.name != spec.name)
+    refuse(Errc::invalid_config, "the run directory '" + dir + "' holds run '" + stored.name +
+                                   "', not '" + spec.name + "'; continue it with "
+                                   "TorchTrainer::restore, or choose another RunConfig.name");
+  auto checkpoints = find_checkpoints(dir, spec.name);
+  auto reports = read_history(dir, spec.name).size();
+  spdlog::info("caftrain: resuming run '{}' in '{}' from {} ({} reports so far)", spec.name, dir,
+               checkpoints.empty() ? std::string("the start (it has no checkpoint)")
+                                   : "its latest checkpoint '" + checkpoints.back().path() + "'",
+               reports);
+  auto changes = run_file_changes(stored, spec.options);
+  if (!changes.empty())
+    spdlog::warn("caftrain: run '{}' resumes with options that differ from its {}; the new "
+                 "ones apply (and are stored): {}",
+                 spec.name, kRunFile, joined(changes));
 }
 
 } // namespace
@@ -162,15 +183,8 @@ TorchTrainer::TorchTrainer(caf::actor_system& system, TrainFunc train_func,
                                                   : expand_home(options.run.storage_path);
   spec->dir = (fs::path(storage) / spec->name).string();
   spec->options = std::move(options);
-  if (!find_checkpoints(spec->dir).empty())
-    refuse(Errc::invalid_config,
-           "run directory '" + spec->dir + "' already holds checkpoints of an earlier run; "
-           "continue it with TorchTrainer::restore, or choose another RunConfig.name");
-  std::error_code ec;
-  fs::create_directories(spec->dir, ec);
-  if (ec)
-    refuse(Errc::io_error, "cannot create run directory '" + spec->dir + "': " + ec.message());
-  write_run_file(*spec);
+  prepare_run_directory(*spec);
+  write_run_file(spec->dir, spec->name, spec->options);
   spec_ = std::move(spec);
   actor_ = system.spawn(trainer_actor, spec_);
 }
@@ -189,57 +203,38 @@ TorchTrainer::TorchTrainer(TorchTrainer&&) noexcept = default;
 TorchTrainer& TorchTrainer::operator=(TorchTrainer&&) noexcept = default;
 
 bool TorchTrainer::can_restore(const std::string& path) {
-  std::error_code ec;
-  return fs::is_regular_file(fs::path(path) / "run.json", ec);
+  return has_run_file(expand_home(path));
 }
 
 TorchTrainer TorchTrainer::restore(caf::actor_system& system, const std::string& path,
                                    TrainFunc train_func, TorchTrainerOptions overrides) {
-  if (!can_restore(path))
-    refuse(Errc::invalid_config, "'" + path + "' is not a run directory (it has no run.json); "
-                                              "pass the directory of the run to continue");
   if (!train_func)
     refuse(Errc::invalid_config, "restore needs the run's train_func");
-  auto bytes = read_file((fs::path(path) / "run.json").string());
-  nlohmann::json j;
-  TorchTrainerOptions o = std::move(overrides);
+  auto dir = expand_home(path);
+  StoredRun stored;
   try {
-    j = nlohmann::json::parse(bytes.begin(), bytes.end());
-    Config config;
-    for (auto& [k, v] : j.at("train_loop_config").items()) {
-      if (v.is_boolean())
-        config.set(k, v.get<bool>());
-      else if (v.is_number_integer())
-        config.set(k, v.get<int64_t>());
-      else if (v.is_number())
-        config.set(k, v.get<double>());
-      else
-        config.set(k, v.get<std::string>());
-    }
-    o.train_loop_config = config;
-    o.torch_config.backend = j.value("backend", "auto");
-    o.scaling.num_workers = j.at("num_workers").get<int64_t>();
-    o.scaling.use_gpu = j.at("use_gpu").get<bool>();
-    o.scaling.resources_per_worker.cpus = j.value("cpus_per_worker", 0.0);
-    o.scaling.resources_per_worker.gpus = j.value("gpus_per_worker", 0.0);
-    o.run.failure.max_failures = j.at("max_failures").get<int64_t>();
-    if (!j.at("num_to_keep").is_null())
-      o.run.checkpoint.num_to_keep = j.at("num_to_keep").get<int64_t>();
-    o.run.checkpoint.checkpoint_score_attribute = j.at("checkpoint_score_attribute").get<std::string>();
-    o.run.checkpoint.checkpoint_score_order = j.at("checkpoint_score_order").get<std::string>();
-    o.run.stop = j.value("stop", Metrics{});
-  } catch (const nlohmann::json::exception& e) {
-    refuse(Errc::corrupt_checkpoint, "run.json of '" + path + "' is not valid: " + e.what());
+    stored = read_run_file(dir);
+  } catch (const Error& e) {
+    refuse(e.code(), std::string("cannot restore: ") + e.what());
   }
+  // The stored options, with the caller's callbacks and timeouts.
+  auto o = std::move(stored.options);
+  auto& given = overrides.run;
+  o.run.callbacks = std::move(given.callbacks);
+  o.run.report_timeout = given.report_timeout;
+  o.run.collective_timeout = given.collective_timeout;
+  o.run.heartbeat_timeout = given.heartbeat_timeout;
+  o.run.stop_grace = given.stop_grace;
+  o.scaling.trainer_resources = overrides.scaling.trainer_resources;
   validate(o);
   auto spec = std::make_shared<RunSpec>();
   spec->train_func = std::move(train_func);
-  spec->name = j.at("name").get<std::string>();
-  spec->dir = fs::absolute(path).lexically_normal().string();
-  if (!spec->dir.empty() && spec->dir.back() == '/')
+  spec->name = stored.name;
+  spec->dir = fs::absolute(dir).lexically_normal().string();
+  if (spec->dir.size() > 1 && spec->dir.back() == '/')
     spec->dir.pop_back();
-  o.run.name = spec->name;
   spec->options = std::move(o);
+  spdlog::info("caftrain: restoring run '{}' from '{}'", spec->name, spec->dir);
   return TorchTrainer(system, std::move(spec));
 }
 

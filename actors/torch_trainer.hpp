@@ -30,6 +30,14 @@ class TorchTrainer {
 
   /// Checks the options and the machine; throws `Error(invalid_config)` or
   /// `Error(unavailable)` naming the problem before anything starts.
+  ///
+  /// When `<storage_path>/<name>` holds a run of that name already, the new trainer
+  /// resumes it (Ray's behaviour) and says so in the log: the run's kept checkpoints and
+  /// history are adopted, the first attempt starts from its latest checkpoint, attempts
+  /// keep counting, and the options given here apply (a warning lists those that differ
+  /// from the stored run.json, which then records the new ones). A directory there that
+  /// holds no run (no run.json) is refused with `Error(invalid_config)`, one whose
+  /// run.json is not valid with `Error(corrupt_checkpoint)`, each naming it.
   TorchTrainer(caf::actor_system& system, TrainFunc train_func, TorchTrainerOptions options = {});
 
   /// For a train function that takes no config.

@@ -1,11 +1,11 @@
 #include "actors/trainer_actor.hpp"
+#include "actors/run_files.hpp"
 #include "actors/torch_trainer.hpp"
 
 #include <chrono>
 #include <cmath>
-#include <filesystem>
-#include <fstream>
 #include <iomanip>
+#include <filesystem>
 #include <sstream>
 #include <thread>
 
@@ -57,25 +57,32 @@ Result build_result(Self self) {
   return r;
 }
 
-void write_result_file(const Result& r) {
-  nlohmann::json history = nlohmann::json::array();
-  for (auto& rec : r.metrics_history)
-    history.push_back({{"index", rec.index},
-                       {"attempt", rec.attempt},
-                       {"metrics", rec.metrics},
-                       {"checkpoint", rec.checkpoint_path},
-                       {"timestamp", rec.timestamp}});
-  nlohmann::json j = {{"metrics", r.metrics},
-                      {"history", history},
-                      {"checkpoint", r.checkpoint ? r.checkpoint->path() : ""},
-                      {"attempts", r.attempts},
-                      {"error", r.error ? r.error->message : ""},
-                      {"finished_at", now_seconds()}};
-  try {
-    write_file_atomic((fs::path(r.path) / "result.json").string(), j.dump(2));
-  } catch (const Error& e) {
-    spdlog::warn("caftrain: cannot write result.json: {}", e.what());
-  }
+RunStatus status_of(Self self) {
+  auto& st = self->state;
+  RunStatus s;
+  s.state = st.state;
+  s.states = st.states;
+  s.attempt = std::max<int64_t>(st.attempt, 0);
+  s.failures = st.failures;
+  s.reports = static_cast<int64_t>(st.history.size());
+  if (!st.history.empty())
+    s.latest = st.history.back().metrics;
+  s.path = st.spec->dir;
+  return s;
+}
+
+/// Moves the run to `state` (see RunStatus) and tells the run's callbacks.
+void set_state(Self self, const std::string& state) {
+  auto& st = self->state;
+  if (st.state == state)
+    return;
+  st.state = state;
+  st.states.push_back(state);
+  if (run_config(self).callbacks.empty())
+    return;
+  auto status = status_of(self);
+  for (auto& cb : run_config(self).callbacks)
+    cb->on_state(status);
 }
 
 void fail_waiters(Self self, const caf::error& err);
@@ -84,7 +91,9 @@ void finish(Self self) {
   auto& st = self->state;
   if (st.result)
     return;
-  st.state = !st.error ? "finished" : st.error->code == Errc::cancelled ? "cancelled" : "failed";
+  set_state(self, !st.error                            ? "finished"
+                  : st.error->code == Errc::cancelled ? "aborted"
+                                                      : "errored");
   auto r = build_result(self);
   st.result = r;
   write_result_file(r);
@@ -118,7 +127,7 @@ void launch_attempt(Self self, int64_t attempt) {
   auto& st = self->state;
   auto& scaling = st.spec->options.scaling;
   st.attempt = attempt;
-  st.state = "running";
+  set_state(self, "running");
   st.rounds.clear();
   st.running.clear();
   st.succeeded.clear();
@@ -199,8 +208,10 @@ void complete_stop(Self self) {
                  restart ? " (restarting)" : "");
     for (auto& cb : run_config(self).callbacks)
       cb->on_failure(err.message, st.attempt + 1, restart);
-    if (restart)
+    if (restart) {
+      set_state(self, "restarting");
       return launch_attempt(self, st.attempt + 1);
+    }
     st.error = err;
   }
   finish(self);
@@ -218,7 +229,7 @@ void stop_attempt(Self self, AfterStop after, const std::string& reason) {
   }
   st.stopping = true;
   st.after_stop = after;
-  st.state = after == AfterStop::decide ? "restarting" : "stopping";
+  set_state(self, "stopping");
   fail_waiters(self, make_caf_error(Errc::cancelled, reason));
   for (auto& w : st.workers)
     self->send_exit(w, make_caf_error(Errc::cancelled, reason));
@@ -268,43 +279,7 @@ bool stop_criteria_reached(const RunConfig& run, const ReportRecord& rec) {
 
 void complete_round(Self self, int64_t index);
 
-/// Appends `rec` to the run's history.jsonl, which a restored run reads back.
-void append_history(const std::string& dir, const ReportRecord& rec) {
-  nlohmann::json j = {{"index", rec.index},         {"attempt", rec.attempt},
-                      {"metrics", rec.metrics},     {"all_metrics", rec.all_metrics},
-                      {"checkpoint", rec.checkpoint_path}, {"timestamp", rec.timestamp}};
-  std::ofstream out(fs::path(dir) / "history.jsonl", std::ios::app);
-  out << j.dump() << '\n';
-  if (!out)
-    spdlog::warn("caftrain: cannot append to {}/history.jsonl", dir);
-}
-
-/// The reports of an earlier process of this run (the last record of each index).
-std::vector<ReportRecord> read_history(const std::string& dir, const std::string& run) {
-  std::map<int64_t, ReportRecord> by_index;
-  std::ifstream in(fs::path(dir) / "history.jsonl");
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_object())
-      continue; // a line cut short by a crash
-    ReportRecord rec;
-    rec.run = run;
-    rec.index = j.value("index", int64_t{-1});
-    rec.attempt = j.value("attempt", int64_t{0});
-    rec.metrics = j.value("metrics", Metrics{});
-    rec.all_metrics = j.value("all_metrics", std::vector<Metrics>{});
-    rec.checkpoint_path = j.value("checkpoint", "");
-    rec.timestamp = j.value("timestamp", 0.0);
-    if (rec.index >= 0)
-      by_index[rec.index] = std::move(rec);
-  }
-  std::vector<ReportRecord> result;
-  for (auto& [index, rec] : by_index)
-    result.push_back(std::move(rec));
-  return result;
-}
-
-void record_round(Self self, int64_t index, TrainerState::Round& round, const std::string& ckpt) {
+void record_round(Self self, int64_t index, TrainerState::Round& round, const Checkpoint& ckpt) {
   auto& st = self->state;
   ReportRecord rec;
   rec.run = st.spec->name;
@@ -313,7 +288,7 @@ void record_round(Self self, int64_t index, TrainerState::Round& round, const st
   for (auto& r : round.reports)
     rec.all_metrics.push_back(r->metrics);
   rec.metrics = rec.all_metrics.front();
-  rec.checkpoint_path = ckpt;
+  rec.checkpoint_path = ckpt.path();
   rec.timestamp = now_seconds();
   st.history.push_back(rec);
   append_history(st.spec->dir, rec);
@@ -323,7 +298,7 @@ void record_round(Self self, int64_t index, TrainerState::Round& round, const st
     cb->on_report(rec);
   for (auto& p : round.promises)
     if (p.pending())
-      p.deliver(ack_atom::value);
+      p.deliver(ack_atom::value, ckpt);
   st.rounds.erase(index);
   st.next_index = index + 1;
   if (!st.stop_criteria_met && stop_criteria_reached(run_config(self), rec)) {
@@ -338,7 +313,32 @@ void record_round(Self self, int64_t index, TrainerState::Round& round, const st
     complete_round(self, st.next_index);
 }
 
-void complete_round(Self self, int64_t index);
+/// The directory name of round `index`'s checkpoint: the name the reports gave
+/// (`train::ReportArgs::checkpoint_dir_name`, rank 0's first), else checkpoint_<index>.
+/// Throws `Error(invalid_config)` for a name that is not a plain one or is taken.
+std::string checkpoint_dir_name(Self self, int64_t index, const TrainerState::Round& round) {
+  auto& st = self->state;
+  std::string name;
+  for (auto& r : round.reports)
+    if (name.empty())
+      name = r->checkpoint_dir_name;
+  if (name.empty())
+    return checkpoint_name(index);
+  auto where = "train::report #" + std::to_string(index) + ": checkpoint_dir_name '" + name + "'";
+  if (name.find('/') != std::string::npos || name == "." || name == ".." || name.front() == '.')
+    throw Error(Errc::invalid_config, where + " is not a plain directory name (no '/', not "
+                                              "starting with '.'); use a name like \"epoch_3\"");
+  for (auto reserved : {kRunFile, kHistoryFile, kResultFile})
+    if (name == reserved)
+      throw Error(Errc::invalid_config, where + " is the name of the run's own file; choose another");
+  std::error_code ec;
+  if (fs::exists(fs::path(st.spec->dir) / name, ec))
+    throw Error(Errc::invalid_config,
+                where + " already exists in the run directory '" + st.spec->dir +
+                  "' (it is left as it is); give every checkpoint its own name, e.g. with the "
+                  "epoch or step in it, or leave checkpoint_dir_name empty");
+  return name;
+}
 
 void complete_round(Self self, int64_t index) {
   auto& st = self->state;
@@ -348,16 +348,18 @@ void complete_round(Self self, int64_t index) {
     if (!r->checkpoint_dir.empty())
       sources.push_back(r->checkpoint_dir);
   if (sources.empty())
-    return record_round(self, index, round, "");
+    return record_round(self, index, round, Checkpoint());
   auto& metrics = round.reports.front()->metrics;
+  std::string name;
   try {
     st.manager->check_metrics(metrics);
+    name = checkpoint_dir_name(self, index, round);
   } catch (const Error& e) {
     worker_failed(self, RunError{Errc::invalid_config, e.what(), 0, st.attempt});
     return;
   }
   PersistRequest req;
-  req.final_path = (fs::path(st.spec->dir) / checkpoint_name(index)).string();
+  req.final_path = (fs::path(st.spec->dir) / name).string();
   req.sources = sources;
   auto& meta = req.metadata;
   meta.run = st.spec->name;
@@ -377,7 +379,7 @@ void complete_round(Self self, int64_t index) {
         st.manager->register_checkpoint(ckpt, ckpt.metadata().metrics);
         if (st.attempt != attempt || st.rounds.count(index) == 0)
           return;
-        record_round(self, index, st.rounds.at(index), ckpt.path());
+        record_round(self, index, st.rounds.at(index), ckpt);
       },
       [=](caf::error& err) {
         if (self->state.attempt == attempt)
@@ -509,6 +511,7 @@ void start(Self self) {
     st.attempt = 0;
     return finish(self);
   }
+  remove_result_file(st.spec->dir); // a resumed run has not ended (yet)
   st.persister = self->spawn<caf::detached + caf::monitored>(persister_actor);
   launch_attempt(self, st.first_attempt);
 }
@@ -524,12 +527,15 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
                     opts.run.checkpoint.checkpoint_score_order});
   // Restoring: adopt what the run directory already holds.
   std::vector<std::pair<Checkpoint, Metrics>> existing;
-  for (auto& c : find_checkpoints(st.spec->dir))
+  for (auto& c : find_checkpoints(st.spec->dir, st.spec->name))
     existing.emplace_back(c, c.metadata().metrics);
   st.manager->adopt(existing);
   st.history = read_history(st.spec->dir, st.spec->name);
-  if (!st.history.empty())
-    st.first_attempt = st.history.back().attempt + 1; // attempts keep counting
+  // Attempts keep counting: past the last that reported, and those of an ended run.
+  for (auto& rec : st.history)
+    st.first_attempt = std::max(st.first_attempt, rec.attempt + 1);
+  if (auto ended = read_result_file(st.spec->dir, st.spec->name))
+    st.first_attempt = std::max(st.first_attempt, ended->attempts);
   if (!opts.resume_from_checkpoint.empty())
     st.initial_checkpoint = Checkpoint::from_directory(opts.resume_from_checkpoint);
   self->set_down_handler([=](caf::down_msg& dm) {
@@ -579,18 +585,7 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
       auto& subs = self->state.subscribers;
       subs.erase(std::remove(subs.begin(), subs.end(), subscriber), subs.end());
     },
-    [=](status_atom) {
-      auto& st = self->state;
-      RunStatus s;
-      s.state = st.state;
-      s.attempt = std::max<int64_t>(st.attempt, 0);
-      s.failures = st.failures;
-      s.reports = static_cast<int64_t>(st.history.size());
-      if (!st.history.empty())
-        s.latest = st.history.back().metrics;
-      s.path = st.spec->dir;
-      return s;
-    },
+    [=](status_atom) { return status_of(self); },
     [=](cancel_atom) {
       auto& st = self->state;
       if (st.result)
@@ -624,6 +619,7 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
                      "period; continuing without them",
                      st.running.size(), attempt);
         st.running.clear();
+        abandon_worker_threads(st.spec->name, attempt);
         complete_stop(self);
       }
     },

@@ -36,7 +36,9 @@ struct TrainerState {
   enum class AfterStop { decide, finish };
 
   std::shared_ptr<RunSpec> spec;
+  /// See RunStatus: the current state and every state so far.
   std::string state = "pending";
+  std::vector<std::string> states = {"pending"};
   int64_t attempt = -1;
   /// Number of the first attempt: 0, or one past the last attempt of a restored run.
   int64_t first_attempt = 0;

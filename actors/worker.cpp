@@ -113,10 +113,12 @@ class ActorSession : public Session {
   }
 
   std::optional<Checkpoint> latest_checkpoint() const override {
-    return spec_.checkpoint;
+    std::lock_guard<std::mutex> guard(mtx_);
+    return latest_ ? latest_ : spec_.checkpoint;
   }
 
-  void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint) override {
+  void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint,
+              const train::ReportArgs& args) override {
     heartbeat();
     if (stop_requested())
       throw Error(Errc::cancelled, "train::report after the attempt was stopped: " + stop_reason());
@@ -127,10 +129,16 @@ class ActorSession : public Session {
     r.metrics = metrics;
     if (checkpoint)
       r.checkpoint_dir = checkpoint->path();
+    r.checkpoint_dir_name = args.checkpoint_dir_name;
     auto& run = spec_.run->options.run;
     caf::scoped_actor self{sys_};
     self->request(spec_.trainer, run.report_timeout + std::chrono::seconds(30), report_atom::value, r)
-      .receive([](ack_atom) {},
+      .receive([&](ack_atom, Checkpoint& persisted) {
+                 if (!persisted.valid())
+                   return;
+                 std::lock_guard<std::mutex> guard(mtx_);
+                 latest_ = std::move(persisted);
+               },
                [&](caf::error& err) {
                  auto e = to_run_error(err, r.rank, r.attempt);
                  throw Error(e.code == Errc::none ? Errc::worker_failed : e.code,
@@ -143,7 +151,7 @@ class ActorSession : public Session {
   /// system: the persister moves them) and reports it.
   void report_files(const Metrics& metrics, const std::map<std::string, std::vector<char>>& files) {
     if (files.empty())
-      return report(metrics, std::nullopt);
+      return report(metrics, std::nullopt, {});
     static std::atomic<uint64_t> counter{0};
     auto& ctx = spec_.context;
     auto dir = std::filesystem::path(ctx.run_dir) / ".staging" /
@@ -159,7 +167,7 @@ class ActorSession : public Session {
       std::filesystem::create_directories(path.parent_path(), ec);
       write_file_atomic(path.string(), bytes);
     }
-    report(metrics, Checkpoint::from_directory(dir.string()));
+    report(metrics, Checkpoint::from_directory(dir.string()), {});
   }
 
   /// Rendezvous of this attempt's communicator (world_size > 1).
@@ -243,6 +251,8 @@ class ActorSession : public Session {
   int64_t next_index_;
   mutable std::mutex mtx_;
   std::shared_ptr<Communicator> communicator_;
+  /// The checkpoint the latest completed report of this rank persisted.
+  std::optional<Checkpoint> latest_;
   std::atomic<bool> stop_{false};
   std::string stop_reason_;
   std::atomic<int64_t> last_beat_{std::chrono::steady_clock::now().time_since_epoch().count()};
@@ -262,9 +272,17 @@ constexpr auto kTick = std::chrono::milliseconds(250);
 /// joined (not left running while the program exits).
 class ThreadRegistry {
  public:
-  void add(const std::string& run, std::thread thread, std::shared_ptr<std::atomic<bool>> done) {
+  void add(const std::string& run, int64_t attempt, std::thread thread,
+           std::shared_ptr<std::atomic<bool>> done) {
     std::lock_guard<std::mutex> guard(mtx_);
-    entries_.push_back({run, std::move(thread), std::move(done)});
+    entries_.push_back({run, attempt, std::move(thread), std::move(done)});
+  }
+
+  void abandon(const std::string& run, int64_t attempt) {
+    std::lock_guard<std::mutex> guard(mtx_);
+    for (auto& e : entries_)
+      if (e.run == run && e.attempt == attempt && !e.done->load())
+        e.abandoned = true;
   }
 
   size_t join(const std::string& run, std::chrono::milliseconds grace) {
@@ -281,7 +299,8 @@ class ThreadRegistry {
     }
     size_t left = 0;
     for (auto& e : mine) {
-      while (!e.done->load() && std::chrono::steady_clock::now() < deadline)
+      // The trainer already waited a grace period for an abandoned thread.
+      while (!e.abandoned && !e.done->load() && std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
       if (e.done->load()) {
         e.thread.join();
@@ -305,8 +324,11 @@ class ThreadRegistry {
  private:
   struct Entry {
     std::string run;
+    int64_t attempt = 0;
     std::thread thread;
     std::shared_ptr<std::atomic<bool>> done;
+    /// The trainer stopped waiting for it (it did not stop within the grace period).
+    bool abandoned = false;
   };
 
   std::mutex mtx_;
@@ -370,13 +392,14 @@ void train_thread(std::shared_ptr<ActorSession> session, std::shared_ptr<std::at
 
 caf::behavior worker_actor(caf::stateful_actor<WorkerState>* self, WorkerSpec spec) {
   auto run = spec.run->name;
+  auto attempt = spec.context.attempt;
   auto session = std::make_shared<ActorSession>(self->system(), std::move(spec));
   self->state.session = session;
   self->attach_functor([session](const caf::error& reason) {
     session->request_stop(reason ? session->system().render(reason) : "worker stopped");
   });
   auto done = std::make_shared<std::atomic<bool>>(false);
-  registry().add(run, std::thread(train_thread, session, done), done);
+  registry().add(run, attempt, std::thread(train_thread, session, done), done);
   auto heartbeat = session->spec().run->options.run.heartbeat_timeout;
   if (heartbeat.count() > 0)
     self->delayed_send(self, kTick, tick_atom::value);
@@ -400,6 +423,10 @@ caf::behavior worker_actor(caf::stateful_actor<WorkerState>* self, WorkerSpec sp
 
 size_t join_worker_threads(const std::string& run, std::chrono::milliseconds grace) {
   return registry().join(run, grace);
+}
+
+void abandon_worker_threads(const std::string& run, int64_t attempt) {
+  registry().abandon(run, attempt);
 }
 
 } // namespace caftrain

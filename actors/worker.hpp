@@ -54,8 +54,14 @@ struct WorkerState {
 caf::behavior worker_actor(caf::stateful_actor<WorkerState>* self, WorkerSpec spec);
 
 /// Joins the training threads of run `run` that have finished, waiting up to `grace` for
-/// the others, which are then detached (they are stuck in user code). Returns how many
-/// threads were left behind.
+/// the others, which are then detached (they are stuck in user code); threads that
+/// `abandon_worker_threads` gave up on are detached at once. Returns how many threads
+/// were left behind.
 size_t join_worker_threads(const std::string& run, std::chrono::milliseconds grace);
+
+/// Marks the still running training threads of `attempt` of run `run` as abandoned: the
+/// trainer waited a stop grace period for them already, so `join_worker_threads` does
+/// not wait for them again.
+void abandon_worker_threads(const std::string& run, int64_t attempt);
 
 } // namespace caftrain

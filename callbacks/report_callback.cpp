@@ -32,7 +32,6 @@ void ReportCallback::on_train_batch_end(Trainer& trainer, LightningModule&, cons
 }
 
 void ReportCallback::report(Trainer& trainer) {
-  auto& session = train::session();
   last_reported_step_ = trainer.global_step();
   Metrics metrics;
   if (options_.metrics.empty()) {
@@ -48,6 +47,9 @@ void ReportCallback::report(Trainer& trainer) {
   }
   metrics["epoch"] = static_cast<double>(trainer.current_epoch());
   metrics["step"] = static_cast<double>(trainer.global_step());
+  if (!train::in_session())
+    return train::report(metrics); // outside a run: warns once, records nothing
+  auto& session = train::session();
   bool with_checkpoint = options_.checkpoint && options_.checkpoint_every > 0 &&
                          ++reports_ % options_.checkpoint_every == 0;
   std::map<std::string, std::vector<char>> files;

@@ -31,7 +31,9 @@ struct ReportOptions {
 /// Ray's RayTrainReportCallback: at each train epoch end (by default) every rank calls
 /// `train::report` with the Trainer's callback metrics plus `epoch` and `step`, and a
 /// checkpoint of the running fit (model, optimizers, schedulers, callbacks, progress). The
-/// run persists it and `train::get_checkpoint()` hands it back after a restart.
+/// run persists it and `train::get_checkpoint()` hands it back after a restart. Outside a
+/// TorchTrainer run its reports do nothing (`train::report` warns once) and no checkpoint
+/// is taken.
 class ReportCallback : public Callback {
  public:
   explicit ReportCallback(ReportOptions options = {});

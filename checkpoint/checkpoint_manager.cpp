@@ -103,19 +103,21 @@ std::vector<std::pair<Checkpoint, Metrics>> CheckpointManager::best() const {
   return result;
 }
 
-std::vector<Checkpoint> find_checkpoints(const std::string& run_dir) {
+std::vector<Checkpoint> find_checkpoints(const std::string& run_dir, const std::string& run) {
   std::vector<Checkpoint> result;
   std::error_code ec;
   if (!fs::is_directory(run_dir, ec))
     return result;
   for (auto& entry : fs::directory_iterator(run_dir, ec)) {
     auto name = entry.path().filename().string();
-    if (!entry.is_directory() || name.rfind("checkpoint_", 0) != 0)
+    if (!entry.is_directory() || name.empty() || name.front() == '.')
       continue;
     try {
-      result.push_back(Checkpoint::open(entry.path().string()));
+      auto checkpoint = Checkpoint::open(entry.path().string());
+      if (run.empty() || checkpoint.metadata().run == run)
+        result.push_back(std::move(checkpoint));
     } catch (const Error&) {
-      // no metadata: an interrupted save, never picked
+      // no metadata: an interrupted save (never picked), or not a checkpoint at all
     }
   }
   std::sort(result.begin(), result.end(), [](const Checkpoint& a, const Checkpoint& b) {

@@ -70,8 +70,11 @@ class CheckpointManager {
   std::vector<std::pair<Checkpoint, Metrics>> kept_;
 };
 
-/// Persisted checkpoints under a run directory (`checkpoint_*` that open cleanly),
-/// oldest first by report index; half-written ones (no metadata) are ignored.
-std::vector<Checkpoint> find_checkpoints(const std::string& run_dir);
+/// Persisted checkpoints directly under a run directory: every subdirectory whose
+/// metadata opens (default `checkpoint_<index>` and names given by
+/// `train::report(..., {.checkpoint_dir_name})` alike) and, when `run` is given, whose
+/// metadata names that run; oldest first by report index. Half-written ones (no
+/// metadata) and hidden directories (staging) are ignored.
+std::vector<Checkpoint> find_checkpoints(const std::string& run_dir, const std::string& run = "");
 
 } // namespace caftrain

@@ -1,8 +1,9 @@
 #include "environment/actor_environment.hpp"
 
-#include "core/error.hpp"
 #include "environment/communicator.hpp"
 #include "environment/worker_context.hpp"
+
+#include "core/error.hpp"
 
 namespace caftrain {
 
@@ -11,17 +12,13 @@ ActorEnvironment::ActorEnvironment() : worker_(current_worker()) {
 }
 
 bool ActorEnvironment::bound() const {
-  if (!worker_)
-    worker_ = current_worker();
-  return worker_ != nullptr;
+  return worker() != nullptr;
 }
 
-WorkerRuntime& ActorEnvironment::worker() const {
-  if (!bound())
-    throw Error(Errc::invalid_config,
-                "ActorEnvironment is used outside a TorchTrainer worker; run train_func "
-                "through caftrain::TorchTrainer, or drop the plugin to train in this process");
-  return *worker_;
+WorkerRuntime* ActorEnvironment::worker() const {
+  if (!worker_)
+    worker_ = current_worker();
+  return worker_;
 }
 
 std::string ActorEnvironment::name() const {
@@ -29,34 +26,42 @@ std::string ActorEnvironment::name() const {
 }
 
 int64_t ActorEnvironment::world_size() const {
-  return worker().context().world_size;
+  auto* w = worker();
+  return w ? w->context().world_size : 1;
 }
 
 int64_t ActorEnvironment::global_rank() const {
-  return worker().context().world_rank;
+  auto* w = worker();
+  return w ? w->context().world_rank : 0;
 }
 
 int64_t ActorEnvironment::local_rank() const {
-  return worker().context().local_rank;
+  auto* w = worker();
+  return w ? w->context().local_rank : 0;
 }
 
 int64_t ActorEnvironment::node_rank() const {
-  return worker().context().node_rank;
+  auto* w = worker();
+  return w ? w->context().node_rank : 0;
 }
 
 std::shared_ptr<Communicator> ActorEnvironment::communicator() const {
-  return worker().communicator();
+  auto* w = worker();
+  return w ? w->communicator() : nullptr;
 }
 
 std::string ActorEnvironment::device() const {
-  return worker().context().device;
+  auto* w = worker();
+  return w ? w->context().device : "";
 }
 
 void ActorEnvironment::check_stop() const {
-  auto& w = worker();
-  w.heartbeat();
-  if (w.stop_requested())
-    throw Error(Errc::cancelled, "this attempt was stopped by the trainer: " + w.stop_reason());
+  auto* w = worker();
+  if (!w)
+    return;
+  w->heartbeat();
+  if (w->stop_requested())
+    throw Error(Errc::cancelled, "this attempt was stopped by the trainer: " + w->stop_reason());
 }
 
 } // namespace caftrain

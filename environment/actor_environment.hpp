@@ -9,7 +9,9 @@ class WorkerRuntime;
 
 /// The plugin that tells a Trainer it runs as a worker of a `TorchTrainer` (Ray's
 /// RayLightningEnvironment): ranks, device and communicator come from the worker this
-/// thread trains for. Create it inside `train_func`.
+/// thread trains for. Create it inside `train_func`. Outside a run (train_func called
+/// directly) it is a process training alone, like `LightningEnvironment`: world size 1,
+/// rank 0, no communicator, the device the Trainer's accelerator picks.
 class ActorEnvironment : public ClusterEnvironment {
  public:
   /// Binds to the calling thread's worker if there is one (else at first use).
@@ -31,7 +33,8 @@ class ActorEnvironment : public ClusterEnvironment {
   bool bound() const;
 
  private:
-  WorkerRuntime& worker() const;
+  /// The worker, or null outside a run.
+  WorkerRuntime* worker() const;
 
   mutable WorkerRuntime* worker_;
 };

@@ -5,6 +5,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 
 #include "helpers.hpp"
 
@@ -198,4 +201,117 @@ TEST_CASE("A worker without progress is declared failed by its missed heartbeat"
   CHECK(r.error->rank == 1);
   CHECK_THAT(r.error->message, Contains("rank 1 made no progress") && Contains("heartbeat"));
   CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
+}
+
+namespace {
+
+/// Every state a run enters, as its RunCallback sees them.
+class States : public RunCallback {
+ public:
+  void on_state(const RunStatus& status) override {
+    std::lock_guard<std::mutex> guard(mtx_);
+    states_ = status.states;
+  }
+  std::vector<std::string> get() const {
+    std::lock_guard<std::mutex> guard(mtx_);
+    return states_;
+  }
+
+ private:
+  mutable std::mutex mtx_;
+  std::vector<std::string> states_;
+};
+
+using Strings = std::vector<std::string>;
+
+} // namespace
+
+TEST_CASE("A failure that is not retried ends the run in errored, never restarting; a retried one goes restarting then running", "[fault]") {
+  test::TempDir dir;
+  System s;
+  auto fn = [] {
+    auto& ctx = train::get_context();
+    train::report({{"x", 1.0}});
+    if (ctx.world_rank == 1 && ctx.attempt == 0)
+      throw std::runtime_error("injected failure of attempt 0");
+  };
+  auto states = std::make_shared<States>();
+  TorchTrainerOptions o;
+  o.scaling.num_workers = 2;
+  o.run.storage_path = dir.path();
+  o.run.callbacks = {states};
+  SECTION("not retried") {
+    o.run.name = "no_retry";
+    auto r = TorchTrainer(s.sys, fn, o).fit();
+    REQUIRE(r.error);
+    const Strings expected{"pending", "running", "stopping", "errored"};
+    CHECK(states->get() == expected);
+  }
+  SECTION("retried") {
+    o.run.name = "retried";
+    o.run.failure.max_failures = 1;
+    auto r = TorchTrainer(s.sys, fn, o).fit();
+    INFO((r.error ? r.error->message : ""));
+    REQUIRE(r.ok());
+    const Strings expected{"pending", "running", "stopping", "restarting", "running", "finished"};
+    CHECK(states->get() == expected);
+  }
+}
+
+TEST_CASE("When one rank raises while another is stuck, fit returns the raising rank's error within one stop grace period", "[fault]") {
+  test::TempDir dir;
+  System s;
+  // The stuck rank is released once the test has its result; its thread then ends.
+  struct Stuck {
+    std::mutex mtx;
+    std::condition_variable cv;
+    bool released = false;
+    std::atomic<bool> free{false};
+    std::atomic<bool> ended{false};
+  };
+  auto stuck = std::make_shared<Stuck>();
+  auto grace = std::chrono::seconds(4);
+  TorchTrainerOptions o;
+  o.scaling.num_workers = 2;
+  o.run.storage_path = dir.path();
+  o.run.stop_grace = grace;
+  TrainFunc fn;
+  SECTION("sleeping") {
+    o.run.name = "sleeping";
+    fn = [stuck](const Config&) {
+      if (train::get_context().world_rank == 0)
+        throw std::runtime_error("rank 0 gives up");
+      while (!stuck->free.load())
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      stuck->ended = true;
+    };
+  }
+  SECTION("blocked outside a collective") {
+    o.run.name = "blocked";
+    fn = [stuck](const Config&) {
+      if (train::get_context().world_rank == 0)
+        throw std::runtime_error("rank 0 gives up");
+      std::unique_lock<std::mutex> lock(stuck->mtx);
+      stuck->cv.wait(lock, [&] { return stuck->released; });
+      stuck->ended = true;
+    };
+  }
+  auto start = std::chrono::steady_clock::now();
+  auto r = TorchTrainer(s.sys, fn, o).fit();
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  {
+    std::lock_guard<std::mutex> guard(stuck->mtx);
+    stuck->released = true;
+  }
+  stuck->free = true;
+  stuck->cv.notify_all();
+  REQUIRE(r.error);
+  CHECK(r.error->rank == 0);
+  CHECK_THAT(r.error->message, Contains("rank 0 gives up"));
+  // One grace period and some slack for a loaded machine; two would be 8 s.
+  CHECK(elapsed < grace + std::chrono::milliseconds(3000));
+  // Let the released thread finish before the actor system goes.
+  for (int i = 0; i < 500 && !stuck->ended.load(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
 }

@@ -168,6 +168,16 @@ TEST_CASE("A run whose process was killed mid-run is restored from its latest ch
   auto latest = checkpoints.back().metadata().report_index;
   REQUIRE(latest + 1 < test::kRestoreJobSteps);
 
+  // Read from disk, the interrupted run says it has not ended, and what it had done.
+  auto interrupted = Result::from_path(run_dir);
+  REQUIRE(interrupted.error);
+  CHECK(interrupted.error->code == Errc::bad_state);
+  CHECK_THAT(interrupted.error->message, Catch::Matchers::Contains("has not ended"));
+  REQUIRE(interrupted.checkpoint);
+  CHECK(interrupted.checkpoint->path() == checkpoints.back().path());
+  CHECK(interrupted.attempts == 1);
+  CHECK(static_cast<int64_t>(interrupted.metrics_history.size()) >= latest + 1);
+
   System s;
   auto recorder = std::make_shared<ReportRecorder>();
   TorchTrainerOptions overrides;
@@ -199,6 +209,14 @@ TEST_CASE("A run whose process was killed mid-run is restored from its latest ch
     CHECK(rec.attempt == (rec.index <= latest ? 0 : 1));
   }
 
+  // From disk, the run is now finished, with the same history and attempts.
+  auto stored = Result::from_path(run_dir);
+  CHECK(stored.ok());
+  CHECK(stored.attempts == 2);
+  CHECK(stored.metrics_history.size() == result.metrics_history.size());
+  REQUIRE(stored.checkpoint);
+  CHECK(stored.checkpoint->path() == result.checkpoint->path());
+
   // Losses and final weights are those of an undisturbed run of the job in this process.
   auto clean = TorchTrainer(s.sys, test::restore_job, test::restore_job_options(dir.path(), "clean", 0)).fit();
   REQUIRE(clean.ok());
@@ -224,5 +242,7 @@ TEST_CASE("can_restore is false and restore refuses for a directory that is not 
   CHECK_FALSE(TorchTrainer::can_restore(dir.path()));
   CHECK_FALSE(TorchTrainer::can_restore(dir / "missing"));
   System s;
-  CHECK_THROWS_AS(TorchTrainer::restore(s.sys, dir.path(), test::restore_job), Error);
+  CHECK_THROWS_WITH(TorchTrainer::restore(s.sys, dir.path(), test::restore_job),
+                    Catch::Matchers::Contains(dir.path()) &&
+                      Catch::Matchers::Contains("is not a run directory"));
 }

@@ -3,9 +3,15 @@
 
 #include <caf/all.hpp>
 
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <mutex>
+#include <sstream>
 #include <thread>
 
 #include "helpers.hpp"
@@ -228,6 +234,29 @@ TEST_CASE("A rank that stops reporting ends the run with an error naming it", "[
   }
 }
 
+/// Every state a run enters, as its RunCallback sees them.
+class StateRecorder : public RunCallback {
+ public:
+  void on_state(const RunStatus& status) override {
+    std::lock_guard<std::mutex> guard(mtx_);
+    states_.push_back(status.state);
+    last_ = status.states;
+  }
+  std::vector<std::string> states() const {
+    std::lock_guard<std::mutex> guard(mtx_);
+    return states_;
+  }
+  /// `RunStatus::states` of the last call.
+  std::vector<std::string> last() const {
+    std::lock_guard<std::mutex> guard(mtx_);
+    return last_;
+  }
+
+ private:
+  mutable std::mutex mtx_;
+  std::vector<std::string> states_, last_;
+};
+
 TEST_CASE("A service actor can start a run, watch its status and cancel it by messages", "[torch_trainer]") {
   test::TempDir dir;
   System s;
@@ -238,7 +267,10 @@ TEST_CASE("A service actor can start a run, watch its status and cancel it by me
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
   };
-  TorchTrainer trainer(s.sys, fn, options_in(dir, 2));
+  auto recorder = std::make_shared<StateRecorder>();
+  auto o = options_in(dir, 2);
+  o.run.callbacks = {recorder};
+  TorchTrainer trainer(s.sys, fn, o);
   auto seen = std::make_shared<Seen>();
   auto run = trainer.start();
   caf::anon_send(run, subscribe_atom::value, s.sys.spawn(subscriber, seen));
@@ -252,6 +284,8 @@ TEST_CASE("A service actor can start a run, watch its status and cancel it by me
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   CHECK(status.state == "running");
+  const std::vector<std::string> so_far{"pending", "running"};
+  CHECK(status.states == so_far);
   CHECK(status.reports >= 3);
   self->send(run, cancel_atom::value);
   Result result;
@@ -260,6 +294,10 @@ TEST_CASE("A service actor can start a run, watch its status and cancel it by me
   release = true;
   REQUIRE(result.error);
   CHECK(result.error->code == Errc::cancelled);
+  const std::vector<std::string> entered{"running", "stopping", "aborted"};
+  CHECK(recorder->states() == entered);
+  const std::vector<std::string> all{"pending", "running", "stopping", "aborted"};
+  CHECK(recorder->last() == all);
 }
 
 TEST_CASE("Bad run configurations are refused before anything starts", "[torch_trainer]") {
@@ -298,10 +336,35 @@ TEST_CASE("Bad run configurations are refused before anything starts", "[torch_t
   CHECK_THROWS_WITH(TorchTrainer(s.sys, TrainFunc(), options_in(dir, 1)), Contains("empty"));
 }
 
-TEST_CASE("The worker API outside a worker, and prepare_trainer, give clear errors", "[torch_trainer]") {
-  CHECK_THROWS_WITH(train::report({{"x", 1.0}}), Contains("outside a TorchTrainer worker"));
-  CHECK_THROWS_WITH(train::get_context(), Contains("outside a TorchTrainer worker"));
-  CHECK_THROWS_WITH(prepare_trainer(Trainer()), Contains("outside a TorchTrainer worker"));
+TEST_CASE("Outside a run, report warns once and does nothing, get_checkpoint is none and get_context is rank 0 of 1", "[torch_trainer]") {
+  std::ostringstream out;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(out);
+  spdlog::default_logger()->sinks().push_back(sink);
+  CHECK_NOTHROW(train::report({{"x", 1.0}}));
+  CHECK_NOTHROW(train::report({{"x", 2.0}}));
+  auto& sinks = spdlog::default_logger()->sinks();
+  sinks.erase(std::remove(sinks.begin(), sinks.end(), sink), sinks.end());
+  // Once per process (an earlier test case may have had it already), never per call.
+  auto text = out.str();
+  size_t warnings = 0;
+  for (auto at = text.find("train::report outside"); at != std::string::npos;
+       at = text.find("train::report outside", at + 1))
+    ++warnings;
+  CHECK(warnings <= 1);
+  CHECK_FALSE(train::in_session());
+  CHECK_FALSE(train::get_checkpoint().has_value());
+  auto& ctx = train::get_context();
+  CHECK(ctx.world_rank == 0);
+  CHECK(ctx.world_size == 1);
+  CHECK(ctx.local_rank == 0);
+  CHECK(ctx.device == "cpu");
+  CHECK(ctx.run_name.empty());
+  CHECK_THROWS_WITH(train::session(), Contains("outside a TorchTrainer worker"));
+  // prepare_trainer still checks what it can without a run.
+  CHECK_THROWS_WITH(prepare_trainer(Trainer()), Contains("ActorEnvironment()"));
+}
+
+TEST_CASE("prepare_trainer inside a run refuses a trainer without ActorEnvironment, or one device for 2 workers", "[torch_trainer]") {
   test::TempDir dir;
   System s;
   std::string message;
@@ -329,4 +392,70 @@ TEST_CASE("The worker API outside a worker, and prepare_trainer, give clear erro
   o.run.name = "run2";
   REQUIRE(TorchTrainer(s.sys, single, o).fit().ok());
   CHECK_THAT(message, Contains("single_device") && Contains("DDPStrategy()"));
+}
+
+TEST_CASE("A training function runs unchanged in and out of a TorchTrainer", "[torch_trainer]") {
+  std::atomic<int64_t> steps{0};
+  auto fn = [&](const Config&) {
+    auto model = with_seed(0, [] { return std::make_shared<Faulty>(-1, -1); });
+    Trainer trainer({.max_epochs = 2,
+                     .strategy = DDPStrategy(),
+                     .plugins = {ActorEnvironment()},
+                     .callbacks = {ReportCallback()},
+                     .logger = false,
+                     .enable_progress_bar = false});
+    trainer = prepare_trainer(std::move(trainer));
+    auto checkpoint = train::get_checkpoint();
+    trainer.fit(model, data::DataLoader(small_data(), {.batch_size = 64}), std::nullopt,
+                checkpoint ? checkpoint->path() : "");
+    steps += trainer.global_step();
+  };
+  fn(Config{}); // called directly, as on a laptop
+  CHECK(steps == 16); // 512 / 64 per batch, 2 epochs
+  test::TempDir dir;
+  System s;
+  steps = 0;
+  auto result = TorchTrainer(s.sys, fn, options_in(dir, 1)).fit();
+  INFO((result.error ? result.error->message : ""));
+  REQUIRE(result.ok());
+  CHECK(steps == 16);
+  CHECK(result.metrics_history.size() == 2);
+  REQUIRE(result.checkpoint);
+  CHECK(result.checkpoint->metadata().global_step == 16);
+}
+
+TEST_CASE("train::get_checkpoint right after a report with a checkpoint returns that checkpoint", "[torch_trainer]") {
+  test::TempDir dir;
+  System s;
+  std::mutex mtx;
+  std::vector<std::string> seen; // what each rank saw, in order
+  auto fn = [&] {
+    auto& ctx = train::get_context();
+    auto scratch = std::filesystem::path(dir.path()) / ("scratch-" + std::to_string(ctx.world_rank));
+    std::filesystem::create_directories(scratch);
+    std::ofstream(scratch / ("rank" + std::to_string(ctx.world_rank))) << "state";
+    auto before = train::get_checkpoint();
+    train::report({{"i", 0.0}}, Checkpoint::from_directory(scratch.string()));
+    auto after = train::get_checkpoint();
+    train::report({{"i", 1.0}}); // no checkpoint: the latest one stays
+    auto later = train::get_checkpoint();
+    std::lock_guard<std::mutex> guard(mtx);
+    seen.push_back(before ? before->path() : "none");
+    seen.push_back(after ? after->path() : "none");
+    seen.push_back(later ? later->path() : "none");
+    seen.push_back(after && after->committed() ? std::to_string(after->metadata().report_index) : "-");
+  };
+  auto result = TorchTrainer(s.sys, fn, options_in(dir, 2)).fit();
+  INFO((result.error ? result.error->message : ""));
+  REQUIRE(result.ok());
+  auto persisted = dir / "run/checkpoint_000000";
+  REQUIRE(seen.size() == 8);
+  for (size_t rank = 0; rank < 2; ++rank) {
+    CAPTURE(rank);
+    CHECK(seen[4 * rank] == "none");
+    CHECK(seen[4 * rank + 1] == persisted);
+    CHECK(seen[4 * rank + 2] == persisted);
+    CHECK(seen[4 * rank + 3] == "0");
+  }
+  CHECK(result.checkpoint->path() == persisted);
 }

@@ -14,8 +14,6 @@ namespace {
 } // namespace
 
 Trainer prepare_trainer(Trainer trainer) {
-  if (!train::in_session())
-    refuse("called outside a TorchTrainer worker; call it inside train_func");
   auto& ctx = train::get_context();
   auto& o = trainer.options();
   const ClusterEnvironment* env = nullptr;
@@ -38,6 +36,8 @@ Trainer prepare_trainer(Trainer trainer) {
   if (o.devices != "auto" && o.devices != "1" && o.devices != "-1")
     refuse("devices = \"" + o.devices + "\": each worker drives one device; use \"auto\" and "
                                        "set ScalingConfig.num_workers");
+  if (!train::in_session())
+    return trainer; // training alone: the Trainer picks its device from the accelerator
   bool gpu_worker = ctx.device.rfind("cuda", 0) == 0;
   if ((o.accelerator == "gpu" || o.accelerator == "cuda") && !gpu_worker)
     refuse("accelerator = \"" + o.accelerator +

@@ -12,13 +12,26 @@
 
 namespace caftrain {
 
+namespace train {
+
+/// Optional arguments of `train::report` (Ray's `train.report` keywords).
+struct ReportArgs {
+  /// Name of the checkpoint's directory in the run directory (a plain name, e.g.
+  /// "epoch_3"); "" (default) names it checkpoint_<report index, 6 digits>. A name that is
+  /// taken fails the run with `Error(invalid_config)`; the existing checkpoint stays.
+  std::string checkpoint_dir_name = "";
+};
+
+} // namespace train
+
 /// What a training thread can ask of the run it belongs to. The actor layer implements
 /// it; `train::report` and friends reach it through the thread's current worker.
 class Session : public WorkerRuntime {
  public:
   /// Reports `metrics` (and optionally this rank's checkpoint directory); returns once the
   /// report is complete on every rank and its checkpoint is persisted.
-  virtual void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint) = 0;
+  virtual void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint,
+                      const train::ReportArgs& args) = 0;
 
   /// Writes `files` (name -> bytes: this rank's part of a checkpoint, possibly none) into
   /// a staging directory of the run and reports them with `metrics`. With `wait` false
@@ -31,7 +44,8 @@ class Session : public WorkerRuntime {
   /// Waits for background reports; rethrows the failure of one.
   virtual void flush() = 0;
 
-  /// The checkpoint this attempt started from, if any.
+  /// The checkpoint of this attempt's latest completed report that carried one, else the
+  /// checkpoint the attempt started from, if any.
   virtual std::optional<Checkpoint> latest_checkpoint() const = 0;
 
   /// The run's train_loop_config.
@@ -42,22 +56,28 @@ namespace train {
 
 /// Reports metrics, and optionally a checkpoint directory this rank wrote, to the run
 /// (Ray's `train.report`). A synchronisation point: every rank reports the same number
-/// of times; the call returns once all ranks reported and the checkpoint is persisted.
-/// Throws `Error(invalid_config)` outside a TorchTrainer worker, and `Error(cancelled)` or
-/// `Error(worker_failed)` when the run stops meanwhile.
-void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint = std::nullopt);
+/// of times; the call returns once all ranks reported and the checkpoint is persisted
+/// (under `args.checkpoint_dir_name` when given). Throws `Error(cancelled)` or
+/// `Error(worker_failed)` when the run stops meanwhile. Outside a TorchTrainer run (the
+/// train function called directly) it does nothing but warn, once per process.
+void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint = std::nullopt,
+            const ReportArgs& args = {});
 
-/// The latest persisted checkpoint the run restarted from (after a failure, or when the
-/// run was restored), or nothing on a fresh start (Ray's `train.get_checkpoint`).
+/// The run's latest persisted checkpoint as this worker knows it (Ray's
+/// `train.get_checkpoint`): the one the last report of this attempt persisted, else the
+/// one the attempt started from (after a failure, or when the run was resumed), else
+/// nothing. Nothing outside a run.
 std::optional<Checkpoint> get_checkpoint();
 
-/// This worker's ranks, sizes, device and run (Ray's `train.get_context`).
+/// This worker's ranks, sizes, device and run (Ray's `train.get_context`); outside a run,
+/// rank 0 of a world of 1 on "cpu", with no run name or directory.
 const WorkerContext& get_context();
 
 /// True inside a TorchTrainer worker.
 bool in_session() noexcept;
 
-/// The current session; throws `Error(invalid_config)` outside a worker.
+/// The current session; throws `Error(invalid_config)` outside a worker (the functions
+/// above work outside one too).
 Session& session();
 
 } // namespace train
