@@ -2,6 +2,8 @@
 
 #include <caf/all.hpp>
 
+#include "actors/pool_actor.hpp"
+
 namespace caftrain {
 
 namespace {
@@ -12,6 +14,7 @@ constexpr caf::atom_value kErrorCategory = caf::atom("caftrain");
 } // namespace
 
 void init(caf::actor_system_config& cfg) {
+  add_pool_message_types(cfg);
   cfg.add_message_type<FileDigest>("caftrain::FileDigest");
   cfg.add_message_type<CheckpointMetadata>("caftrain::CheckpointMetadata");
   cfg.add_message_type<Checkpoint>("caftrain::Checkpoint");

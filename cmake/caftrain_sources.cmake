@@ -53,6 +53,8 @@ set(CAFTRAIN_SOURCES
   train/trainer_state.cpp
   # actors: the trainer, its workers, messages, and the TorchTrainer façade
   actors/messages.cpp
+  actors/pool_actor.cpp
+  actors/resource_pool.cpp
   actors/result.cpp
   actors/run_files.cpp
   actors/torch_trainer.cpp
