@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.hpp"
+#include "core/metrics_json.hpp"
 #include "train/trainer.hpp"
 
 namespace caftrain {
@@ -90,16 +91,16 @@ void EarlyStopping::check(Trainer& trainer) {
 nlohmann::json EarlyStopping::state_dict() const {
   return {{"wait_count", wait_count_},
           {"stopped_epoch", stopped_epoch_},
-          {"best_score", best_score_},
+          {"best_score", number_to_json(best_score_)},
           {"patience", options_.patience}};
 }
 
 void EarlyStopping::load_state_dict(const nlohmann::json& state) {
   wait_count_ = state.value("wait_count", int64_t{0});
   stopped_epoch_ = state.value("stopped_epoch", int64_t{0});
-  // An infinite best score (nothing seen yet) is stored as null by JSON.
-  if (state.contains("best_score") && state.at("best_score").is_number())
-    best_score_ = state.at("best_score").get<double>();
+  // Infinite while nothing was seen yet: stored as "Infinity" (null by older versions).
+  if (state.contains("best_score") && !state.at("best_score").is_null())
+    best_score_ = number_from_json(state.at("best_score"));
 }
 
 } // namespace caftrain

@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <filesystem>
 #include <regex>
 
@@ -10,6 +12,7 @@
 
 #include "checkpoint/checkpoint_manager.hpp"
 #include "core/error.hpp"
+#include "core/metrics_json.hpp"
 #include "train/trainer.hpp"
 #include "train/trainer_state.hpp"
 
@@ -21,7 +24,13 @@ namespace {
 
 RetentionPolicy policy_of(const ModelCheckpointOptions& o) {
   RetentionPolicy p;
-  if (o.save_top_k >= 0)
+  if (o.save_top_k == 0) {
+    // No top-k (Lightning): with save_last only the latest checkpoint stays, by recency.
+    p.num_to_keep = 1;
+    p.keep_latest = true;
+    return p;
+  }
+  if (o.save_top_k > 0)
     p.num_to_keep = o.save_top_k;
   p.score_attribute = o.monitor;
   p.score_order = o.mode;
@@ -113,10 +122,15 @@ void ModelCheckpoint::save(Trainer& trainer) {
   manager_->register_checkpoint(Checkpoint::open(path), metrics);
   last_model_path_ = path;
   auto best = manager_->best();
-  if (!best.empty() && (options_.save_top_k != 0 || options_.save_last)) {
+  if (!best.empty() && options_.save_top_k != 0) {
     best_model_path_ = best.front().first.path();
-    if (!options_.monitor.empty())
-      best_model_score_ = best.front().second.at(options_.monitor);
+    if (!options_.monitor.empty()) {
+      auto score = best.front().second.at(options_.monitor);
+      // Only NaN scores so far: Lightning records NaN as the worst value of the mode.
+      if (std::isnan(score))
+        score = (options_.mode == "min" ? 1 : -1) * std::numeric_limits<double>::infinity();
+      best_model_score_ = score;
+    }
   }
   if (options_.save_last) {
     // `last` points at the latest checkpoint; replaced atomically (symlink + rename).
@@ -132,6 +146,8 @@ void ModelCheckpoint::save(Trainer& trainer) {
 
 std::vector<std::string> ModelCheckpoint::best_k_models() const {
   std::vector<std::string> result;
+  if (options_.save_top_k == 0)
+    return result; // only `last` is kept, which is not a top-k checkpoint
   for (auto& [c, m] : manager_->best())
     result.push_back(c.path());
   return result;
@@ -142,7 +158,7 @@ nlohmann::json ModelCheckpoint::state_dict() const {
   for (auto& [c, m] : manager_->kept())
     kept.push_back(c.path());
   return {{"best_model_path", best_model_path_},
-          {"best_model_score", best_model_score_ ? nlohmann::json(*best_model_score_) : nullptr},
+          {"best_model_score", best_model_score_ ? number_to_json(*best_model_score_) : nullptr},
           {"last_model_path", last_model_path_},
           {"dirpath", dirpath_},
           {"kept", kept}};
@@ -150,8 +166,8 @@ nlohmann::json ModelCheckpoint::state_dict() const {
 
 void ModelCheckpoint::load_state_dict(const nlohmann::json& state) {
   best_model_path_ = state.value("best_model_path", "");
-  if (state.contains("best_model_score") && state.at("best_model_score").is_number())
-    best_model_score_ = state.at("best_model_score").get<double>();
+  if (state.contains("best_model_score") && !state.at("best_model_score").is_null())
+    best_model_score_ = number_from_json(state.at("best_model_score"));
   last_model_path_ = state.value("last_model_path", "");
   // Adopt the checkpoints the earlier fit kept, so that retention continues across resumes.
   std::vector<std::pair<Checkpoint, Metrics>> kept;

@@ -23,7 +23,8 @@ struct ModelCheckpointOptions {
   std::string monitor = "";
   /// "min" (default) or "max".
   std::string mode = "min";
-  /// Checkpoints kept: the best k; -1 keeps all, 0 none (but `last`). Default 1.
+  /// Checkpoints kept: the best k by `monitor` (a NaN value ranks worst); -1 keeps all;
+  /// 0 keeps none, or with save_last only the latest (as `last`). Default 1.
   int64_t save_top_k = 1;
   /// Also keep the latest checkpoint, reachable as `<dirpath>/last`. Default false.
   bool save_last = false;
@@ -56,12 +57,14 @@ class ModelCheckpoint : public Callback {
   /// Saves now (collective: every rank calls it at the same point).
   void save(Trainer& trainer);
 
-  /// Path of the best checkpoint so far ("" before the first save).
+  /// Path of the best checkpoint so far ("" before the first save, and always "" with
+  /// save_top_k = 0, as in Lightning).
   const std::string& best_model_path() const noexcept {
     return best_model_path_;
   }
 
-  /// Its score (monitored value), if any.
+  /// Its score (monitored value), if any; a NaN score reads as the worst value of the mode
+  /// (+inf for "min", -inf for "max"), as in Lightning.
   std::optional<double> best_model_score() const noexcept {
     return best_model_score_;
   }
@@ -71,7 +74,7 @@ class ModelCheckpoint : public Callback {
     return last_model_path_;
   }
 
-  /// Paths of the kept checkpoints, best first.
+  /// Paths of the kept checkpoints, best first (none with save_top_k = 0).
   std::vector<std::string> best_k_models() const;
 
   const std::string& dirpath() const noexcept {

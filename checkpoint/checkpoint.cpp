@@ -10,6 +10,7 @@
 #include "checkpoint/files.hpp"
 #include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
+#include "core/metrics_json.hpp"
 
 namespace caftrain {
 
@@ -36,7 +37,7 @@ std::string to_json(const CheckpointMetadata& m) {
             {"report_index", m.report_index},
             {"epoch", m.epoch},
             {"global_step", m.global_step},
-            {"metrics", m.metrics},
+            {"metrics", metrics_to_json(m.metrics)},
             {"world_size", m.world_size},
             {"strategy", m.strategy},
             {"created_at", m.created_at},
@@ -58,13 +59,17 @@ CheckpointMetadata metadata_from_json(const std::string& text, const std::string
     m.report_index = j.value("report_index", int64_t{-1});
     m.epoch = j.value("epoch", int64_t{0});
     m.global_step = j.value("global_step", int64_t{0});
-    m.metrics = j.value("metrics", Metrics{});
+    m.metrics = metrics_from_json(j.value("metrics", json::object()));
     m.world_size = j.value("world_size", int64_t{1});
     m.strategy = j.value("strategy", "");
     m.created_at = j.value("created_at", 0.0);
     for (auto& [name, d] : j.at("files").items())
       m.files[name] = FileDigest{d.at("size").get<uint64_t>(), d.at("crc32").get<uint32_t>()};
   } catch (const json::exception& e) {
+    corrupt(origin, std::string("metadata is not valid (") + e.what() + ")");
+  } catch (const Error& e) {
+    if (e.code() == Errc::corrupt_checkpoint)
+      throw;
     corrupt(origin, std::string("metadata is not valid (") + e.what() + ")");
   }
   return m;

@@ -1,6 +1,7 @@
 #include "checkpoint/checkpoint_manager.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 
 #include "core/error.hpp"
@@ -34,6 +35,12 @@ void CheckpointManager::check_metrics(const Metrics& metrics) const {
 bool CheckpointManager::better(const Metrics& a, const Metrics& b) const {
   auto x = a.at(policy_.score_attribute);
   auto y = b.at(policy_.score_attribute);
+  // NaN ranks below every number, as in Ray's manager: never the best, and the
+  // comparison stays a strict weak ordering (NaNs are equivalent to each other).
+  if (std::isnan(x))
+    return false;
+  if (std::isnan(y))
+    return true;
   return policy_.score_order == "max" ? x > y : x < y;
 }
 

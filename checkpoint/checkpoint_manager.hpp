@@ -15,7 +15,8 @@ namespace caftrain {
 struct RetentionPolicy {
   /// Keep at most this many; unset keeps all.
   std::optional<int64_t> num_to_keep = std::nullopt;
-  /// Metric ranking checkpoints; "" ranks by recency.
+  /// Metric ranking checkpoints; "" ranks by recency. A NaN score ranks below every
+  /// number in either order (the first to be dropped, never the best).
   std::string score_attribute = "";
   /// "max" or "min".
   std::string score_order = "max";

@@ -3,6 +3,7 @@ set(CAFTRAIN_SOURCES
   # core: errors and plain value types
   core/config.cpp
   core/error.cpp
+  core/metrics_json.cpp
   # data: IDX readers, datasets, samplers, loaders
   data/dataset.cpp
   data/fashion_mnist.cpp

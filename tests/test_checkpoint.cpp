@@ -3,8 +3,15 @@
 
 #include <caf/all.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
+#include <limits>
+#include <set>
 
+#include <nlohmann/json.hpp>
+
+#include "core/metrics_json.hpp"
 #include "helpers.hpp"
 
 using namespace caftrain;
@@ -352,5 +359,219 @@ TEST_CASE("ModelCheckpoint keeps the best k by its monitor and can resume from t
     o3.callbacks = {ModelCheckpoint({.dirpath = dir / "x", .monitor = "val_acc"})};
     CHECK_THROWS_WITH(Trainer(o3).fit(std::make_shared<Net>(), data, val),
                       Contains("val_acc") && Contains("val_loss"));
+  }
+}
+
+// -- non-finite metrics ---------------------------------------------------------------------
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+std::string text_of(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+} // namespace
+
+TEST_CASE("A checkpoint whose metrics are NaN or infinite reopens with them and validates", "[checkpoint]") {
+  test::TempDir dir;
+  auto c = make_checkpoint(dir.path(), "odd", {{"loss", kNaN}, {"up", kInf}, {"down", -kInf}, {"acc", 0.5}});
+  auto text = text_of(c.file(kMetadataFile));
+  CHECK_THAT(text, Contains("\"NaN\"") && Contains("\"Infinity\"") && Contains("\"-Infinity\""));
+  auto reopened = Checkpoint::open(c.path());
+  CHECK_NOTHROW(reopened.validate());
+  auto& m = reopened.metadata().metrics;
+  CHECK(std::isnan(m.at("loss")));
+  CHECK(m.at("up") == kInf);
+  CHECK(m.at("down") == -kInf);
+  CHECK(m.at("acc") == 0.5);
+  SECTION("metadata.json of older versions, with null for a NaN, opens as NaN") {
+    auto pos = text.find("\"NaN\"");
+    text.replace(pos, 5, "null");
+    std::ofstream(c.file(kMetadataFile)) << text;
+    CHECK(std::isnan(Checkpoint::open(c.path()).metadata().metrics.at("loss")));
+  }
+  SECTION("a metric that is no number is refused, naming it") {
+    text.replace(text.find("\"NaN\""), 5, "\"lots\"");
+    std::ofstream(c.file(kMetadataFile)) << text;
+    CHECK_THROWS_WITH(Checkpoint::open(c.path()), Contains("metadata is not valid") &&
+                                                     Contains("'loss'") && Contains("lots"));
+  }
+}
+
+TEST_CASE("Metrics round-trip through JSON with NaN and infinities, and bad values are named", "[checkpoint]") {
+  Metrics m = {{"a", 1.25}, {"nan", kNaN}, {"inf", kInf}, {"-inf", -kInf}};
+  auto back = metrics_from_json(metrics_to_json(m));
+  CHECK(back.size() == 4);
+  CHECK(back.at("a") == 1.25);
+  CHECK(std::isnan(back.at("nan")));
+  CHECK(back.at("inf") == kInf);
+  CHECK(back.at("-inf") == -kInf);
+  CHECK(number_from_json(number_to_json(-0.0)) == 0.0);
+  CHECK_THROWS_WITH(number_from_json(nlohmann::json::array()), Contains("not a number"));
+  CHECK_THROWS_WITH(metrics_from_json(nlohmann::json{{"x", "fast"}}), Contains("'x'") && Contains("fast"));
+}
+
+TEST_CASE("A NaN score is never the best checkpoint and never breaks the ordering", "[checkpoint]") {
+  test::TempDir dir;
+  auto scores_of = [](const std::vector<std::pair<Checkpoint, Metrics>>& items) {
+    std::vector<double> r;
+    for (auto& [c, metrics] : items)
+      r.push_back(metrics.at("acc"));
+    return r;
+  };
+  int64_t index = 0; // report order across calls
+  auto register_all = [&](CheckpointManager& m, const std::vector<double>& scores) {
+    for (double score : scores) {
+      auto c = make_checkpoint(dir.path(), "c" + std::to_string(index), {{"acc", score}}, index);
+      ++index;
+      m.register_checkpoint(c, c.metadata().metrics);
+    }
+  };
+  std::vector<double> scores = {0.3, kNaN, 0.9, kNaN, 0.1, 0.7, kNaN};
+  SECTION("max: the best two numbers, and the latest although it is NaN") {
+    CheckpointManager m({.num_to_keep = 2, .score_attribute = "acc", .score_order = "max"});
+    register_all(m, scores);
+    auto best = scores_of(m.best());
+    REQUIRE(best.size() == 3);
+    CHECK(best[0] == 0.9);
+    CHECK(best[1] == 0.7);
+    CHECK(std::isnan(best[2]));
+    CHECK(std::isnan(m.latest()->metadata().metrics.at("acc")));
+  }
+  SECTION("min: NaN is not the smallest either") {
+    CheckpointManager m({.num_to_keep = 2, .score_attribute = "acc", .score_order = "min"});
+    register_all(m, scores);
+    auto best = scores_of(m.best());
+    REQUIRE(best.size() == 3);
+    CHECK(best[0] == 0.1);
+    CHECK(best[1] == 0.3);
+    CHECK(std::isnan(best[2]));
+  }
+  SECTION("many checkpoints, every third NaN: numbers sorted, NaNs last") {
+    std::vector<double> many;
+    for (int i = 0; i < 60; ++i)
+      many.push_back(i % 3 == 1 ? kNaN : std::sin(i * 1.7));
+    CheckpointManager all({.score_attribute = "acc", .score_order = "max"});
+    register_all(all, many);
+    auto best = scores_of(all.best());
+    REQUIRE(best.size() == 60);
+    CHECK(std::count_if(best.begin(), best.begin() + 40, [](double x) { return std::isnan(x); }) == 0);
+    CHECK(std::all_of(best.begin() + 40, best.end(), [](double x) { return std::isnan(x); }));
+    CHECK(std::is_sorted(best.begin(), best.begin() + 40, std::greater<double>()));
+  }
+  SECTION("NaN scores are kept while there is room, then dropped first") {
+    CheckpointManager m({.num_to_keep = 2, .score_attribute = "acc", .score_order = "max",
+                         .keep_latest = false});
+    register_all(m, {kNaN, kNaN});
+    CHECK(m.kept().size() == 2);
+    register_all(m, {kNaN, kNaN, 0.2});
+    auto best = scores_of(m.best());
+    REQUIRE(best.size() == 2);
+    CHECK(best[0] == 0.2);
+    CHECK(std::isnan(best[1]));
+  }
+}
+
+namespace {
+
+/// Net whose validation loss reads NaN in the given epochs.
+class SometimesNaN : public Net {
+ public:
+  explicit SometimesNaN(std::set<int64_t> epochs) : nan_epochs(std::move(epochs)) {}
+  void validation_step(const Batch& b, int64_t i) override {
+    if (nan_epochs.count(current_epoch()))
+      log("val_loss", kNaN);
+    else
+      Net::validation_step(b, i);
+  }
+  std::set<int64_t> nan_epochs;
+};
+
+} // namespace
+
+TEST_CASE("ModelCheckpoint never picks a NaN checkpoint as best in a real fit", "[checkpoint][callbacks]") {
+  test::TempDir dir;
+  auto data = data::DataLoader(test::regression_data(64), {.batch_size = 8});
+  auto val = data::DataLoader(test::regression_data(16, 4, 5), {.batch_size = 8});
+  auto o = quiet(dir);
+  o.max_epochs = 5;
+  SECTION("mixed: the best two are finite, and checkpoints with NaN still open") {
+    auto cb = std::make_shared<ModelCheckpoint>(ModelCheckpointOptions{
+      .dirpath = dir / "mixed", .monitor = "val_loss", .mode = "min", .save_top_k = 2});
+    o.callbacks = {cb};
+    Trainer t(o);
+    t.fit(std::make_shared<SometimesNaN>(std::set<int64_t>{0, 2, 4}), data, val);
+    auto kept = cb->best_k_models();
+    REQUIRE(kept.size() == 2);
+    for (auto& p : kept)
+      CHECK(std::isfinite(Checkpoint::open(p).metadata().metrics.at("val_loss")));
+    CHECK_THAT(cb->best_model_path(), Contains("epoch=1") || Contains("epoch=3"));
+    REQUIRE(cb->best_model_score());
+    CHECK(std::isfinite(*cb->best_model_score()));
+    CHECK(*cb->best_model_score() ==
+          Approx(Checkpoint::open(cb->best_model_path()).metadata().metrics.at("val_loss")));
+  }
+  SECTION("only NaN so far: saved, with the worst score of the mode, until a number comes") {
+    auto cb = std::make_shared<ModelCheckpoint>(ModelCheckpointOptions{
+      .dirpath = dir / "nan", .monitor = "val_loss", .mode = "min", .save_top_k = 1});
+    o.max_epochs = 2;
+    o.callbacks = {cb};
+    Trainer t(o);
+    t.fit(std::make_shared<SometimesNaN>(std::set<int64_t>{0, 1}), data, val);
+    CHECK_THAT(cb->best_model_path(), Contains("epoch=0"));
+    CHECK(cb->best_model_score() == kInf);
+    auto resumed = std::make_shared<ModelCheckpoint>(ModelCheckpointOptions{
+      .dirpath = dir / "nan", .monitor = "val_loss", .mode = "min", .save_top_k = 1});
+    auto o2 = quiet(dir);
+    o2.max_epochs = 3;
+    o2.callbacks = {resumed};
+    Trainer t2(o2);
+    t2.fit(std::make_shared<SometimesNaN>(std::set<int64_t>{0, 1}), data, val, cb->best_model_path());
+    CHECK_THAT(resumed->best_model_path(), Contains("epoch=2"));
+    CHECK(std::isfinite(*resumed->best_model_score()));
+    CHECK(resumed->best_k_models().size() == 1);
+  }
+}
+
+TEST_CASE("ModelCheckpoint with save_top_k = 0 keeps only last, or with save_last off nothing", "[checkpoint][callbacks]") {
+  test::TempDir dir;
+  auto data = data::DataLoader(test::regression_data(64), {.batch_size = 8});
+  auto val = data::DataLoader(test::regression_data(16, 4, 5), {.batch_size = 8});
+  auto o = quiet(dir);
+  o.max_epochs = 3;
+  SECTION("save_last: one checkpoint, the latest, reachable as last") {
+    auto cb = std::make_shared<ModelCheckpoint>(
+      ModelCheckpointOptions{.dirpath = dir / "last_only", .save_top_k = 0, .save_last = true});
+    o.callbacks = {cb};
+    Trainer t(o);
+    t.fit(std::make_shared<Net>(), data, val);
+    std::vector<std::string> entries;
+    for (auto& e : fs::directory_iterator(dir / "last_only"))
+      entries.push_back(e.path().filename().string());
+    std::sort(entries.begin(), entries.end());
+    CHECK(entries == std::vector<std::string>{"epoch=2-step=24", "last"});
+    CHECK(fs::canonical(dir / "last_only/last") == fs::canonical(cb->last_model_path()));
+    CHECK(cb->best_model_path().empty()); // Lightning: no top-k, so no best
+    CHECK(cb->best_k_models().empty());
+    CHECK_NOTHROW(Checkpoint::open(cb->last_model_path()).validate());
+    auto o2 = quiet(dir);
+    o2.max_epochs = 4;
+    Trainer resumed(o2);
+    resumed.fit(std::make_shared<Net>(), data, val, (dir / "last_only/last"));
+    CHECK(resumed.current_epoch() == 4);
+    CHECK(resumed.global_step() == 32);
+  }
+  SECTION("without save_last: nothing is saved") {
+    auto cb = std::make_shared<ModelCheckpoint>(
+      ModelCheckpointOptions{.dirpath = dir / "none", .monitor = "val_loss", .save_top_k = 0});
+    o.callbacks = {cb};
+    Trainer(o).fit(std::make_shared<Net>(), data, val);
+    CHECK_FALSE(fs::exists(dir / "none"));
+    CHECK(cb->last_model_path().empty());
+    CHECK(cb->best_model_path().empty());
   }
 }

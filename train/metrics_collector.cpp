@@ -9,6 +9,13 @@ namespace caftrain {
 void MetricsCollector::begin_batch(LogScope scope, int64_t batch_size) {
   scope_ = scope;
   batch_size_ = std::max<int64_t>(batch_size, 1);
+  epoch_end_ = false;
+}
+
+void MetricsCollector::begin_epoch_end(LogScope scope) {
+  scope_ = scope;
+  batch_size_ = 1; // logged once per epoch: its epoch mean is the value itself
+  epoch_end_ = true;
 }
 
 void MetricsCollector::log(const std::string& name, const at::Tensor& value,
@@ -17,12 +24,17 @@ void MetricsCollector::log(const std::string& name, const at::Tensor& value,
     throw Error(Errc::invalid_argument, "log('" + name + "'): value has " +
                                           std::to_string(value.numel()) +
                                           " elements; log a scalar (e.g. loss.mean())");
+  if (epoch_end_ && (options.on_step.value_or(false) || !options.on_epoch.value_or(true)))
+    throw Error(Errc::invalid_argument,
+                "log('" + name + "') in an epoch-end hook with on_step = true or on_epoch = "
+                "false: there is no step there; drop those options (values logged at an "
+                "epoch's end are epoch-level)");
   auto& e = entries_[name];
   bool training = scope_ == LogScope::train;
   e.scope = scope_;
   e.options = options;
-  e.on_step = options.on_step.value_or(training);
-  e.on_epoch = options.on_epoch.value_or(!training);
+  e.on_step = !epoch_end_ && options.on_step.value_or(training);
+  e.on_epoch = epoch_end_ || options.on_epoch.value_or(!training);
   auto v = value.detach().reshape({}).to(torch::kDouble);
   if (options.sync_dist && reducer_)
     v = torch::tensor(reducer_(v.item<double>()), torch::kDouble); // collective, on every rank

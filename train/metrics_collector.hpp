@@ -34,7 +34,14 @@ class MetricsCollector {
   /// Sets the scope of subsequent `log` calls and the batch size that weighs them.
   void begin_batch(LogScope scope, int64_t batch_size);
 
-  /// Records one value.
+  /// Sets the scope of subsequent `log` calls to the epoch-end hook of `scope`
+  /// (`on_train_epoch_end`, `on_validation_epoch_end`, `on_test_epoch_end`): values are
+  /// epoch-level there (on_epoch, not on_step), as in Lightning, and reach `epoch_metrics`
+  /// of that scope. The next `begin_batch` ends it.
+  void begin_epoch_end(LogScope scope);
+
+  /// Records one value. In an epoch-end hook, on_step = true or on_epoch = false is
+  /// refused with `Error(invalid_argument)`: there is no step to log for.
   void log(const std::string& name, const at::Tensor& value, const LogOptions& options);
 
   /// Forgets the epoch accumulators of `scope` (at the start of an epoch or a run).
@@ -75,6 +82,7 @@ class MetricsCollector {
   Reducer reducer_;
   LogScope scope_ = LogScope::train;
   int64_t batch_size_ = 1;
+  bool epoch_end_ = false; // inside an epoch-end hook (begin_epoch_end)
   std::map<std::string, Entry> entries_;
 };
 

@@ -30,13 +30,21 @@ void check_options(const TrainerOptions& o) {
     bad_option("max_epochs is " + std::to_string(o.max_epochs) + "; use -1 or a count >= 0");
   if (o.max_steps < -1)
     bad_option("max_steps is " + std::to_string(o.max_steps) + "; use -1 or a count >= 0");
+  if (o.min_epochs && *o.min_epochs < 0)
+    bad_option("min_epochs is " + std::to_string(*o.min_epochs) +
+               "; use a count >= 0 or leave it unset (no minimum)");
+  if (o.min_steps && *o.min_steps < 0)
+    bad_option("min_steps is " + std::to_string(*o.min_steps) +
+               "; use a count >= 0 or leave it unset (no minimum)");
   if (o.accumulate_grad_batches < 1)
     bad_option("accumulate_grad_batches is " + std::to_string(o.accumulate_grad_batches) +
                "; it must be at least 1");
   if (o.log_every_n_steps < 1)
     bad_option("log_every_n_steps must be at least 1");
-  if (o.check_val_every_n_epoch < 1)
-    bad_option("check_val_every_n_epoch must be at least 1");
+  if (o.check_val_every_n_epoch && *o.check_val_every_n_epoch < 1)
+    bad_option("check_val_every_n_epoch is " + std::to_string(*o.check_val_every_n_epoch) +
+               "; use a count >= 1, or std::nullopt to validate every val_check_interval "
+               "training batches across epochs");
   if (o.num_sanity_val_steps < -1)
     bad_option("num_sanity_val_steps must be -1 (all) or >= 0");
   if (o.gradient_clip_val && *o.gradient_clip_val < 0)
@@ -50,6 +58,12 @@ void check_options(const TrainerOptions& o) {
   if (o.val_check_interval.value() <= 0 ||
       (o.val_check_interval.is_fraction() && o.val_check_interval.value() > 1.0))
     bad_option("val_check_interval is a count >= 1 or a fraction in (0, 1]");
+  if (!o.check_val_every_n_epoch && o.val_check_interval.is_fraction() &&
+      o.val_check_interval.value() < 1.0)
+    bad_option("val_check_interval is the fraction " + std::to_string(o.val_check_interval.value()) +
+               " but check_val_every_n_epoch is unset, so it counts training batches across "
+               "epochs; give it as a number of batches (e.g. val_check_interval = 100) or set "
+               "check_val_every_n_epoch");
   if (o.devices != "auto" && o.devices != "1" && o.devices != "-1")
     bad_option("devices = \"" + o.devices +
                "\": a caftrain process drives one device; to use several, run several "
@@ -220,17 +234,22 @@ Metrics run_evaluation(Impl& s, const data::DataLoader& loader, LogScope scope, 
       each(cbs, [&](Callback& cb) { cb.on_validation_batch_end(t, module, batch, i); });
     s.collector.end_step();
   }
+  // What the module logs in its epoch-end hook counts with the epoch's metrics, which the
+  // callbacks' epoch-end and end hooks (EarlyStopping, ModelCheckpoint) then see.
+  s.collector.begin_epoch_end(scope);
+  if (test)
+    module.on_test_epoch_end();
+  else
+    module.on_validation_epoch_end();
   auto metrics = s.collector.epoch_metrics(scope);
   if (!s.sanity) {
     merge(s.callback_metrics, metrics);
     merge(s.progress_bar_metrics, s.collector.progress_bar());
   }
   if (test) {
-    module.on_test_epoch_end();
     each(cbs, [&](Callback& cb) { cb.on_test_epoch_end(t, module); });
     each(cbs, [&](Callback& cb) { cb.on_test_end(t, module); });
   } else {
-    module.on_validation_epoch_end();
     each(cbs, [&](Callback& cb) { cb.on_validation_epoch_end(t, module); });
     each(cbs, [&](Callback& cb) { cb.on_validation_end(t, module); });
   }
@@ -306,6 +325,47 @@ int64_t max_epochs(const Impl& s) {
   return s.options.max_steps >= 0 ? std::numeric_limits<int64_t>::max() : kDefaultMaxEpochs;
 }
 
+/// Lightning's `_can_stop_early`: a stop request may end the fit once `epochs_done`
+/// epochs are finished and the steps taken reach min_epochs and min_steps.
+bool can_stop_early(const Impl& s, int64_t epochs_done) {
+  auto& o = s.options;
+  return (!o.min_epochs || epochs_done >= *o.min_epochs) &&
+         (!o.min_steps || s.global_step >= *o.min_steps);
+}
+
+/// True when `should_stop` is set and may take effect now (`epochs_done` finished).
+bool stop_requested(Impl& s, int64_t epochs_done) {
+  if (!s.should_stop)
+    return false;
+  if (can_stop_early(s, epochs_done))
+    return true;
+  if (!s.stop_deferred_logged && s.environment->global_rank() == 0) {
+    s.stop_deferred_logged = true;
+    spdlog::info("caftrain: the Trainer was asked to stop, but min_epochs={} or min_steps={} is "
+                 "not reached yet; training continues",
+                 s.options.min_epochs ? std::to_string(*s.options.min_epochs) : "unset",
+                 s.options.min_steps ? std::to_string(*s.options.min_steps) : "unset");
+  }
+  return false;
+}
+
+/// The integer val_check_interval must fit in an epoch while validation is per epoch
+/// (Lightning's check); otherwise validation would silently never run.
+void check_val_interval(const Impl& s) {
+  auto& o = s.options;
+  auto n = s.num_training_batches;
+  if (!o.check_val_every_n_epoch || o.val_check_interval.is_fraction() || n == 0)
+    return;
+  auto every = static_cast<int64_t>(o.val_check_interval.value());
+  if (every > n)
+    bad_option("val_check_interval = " + std::to_string(every) +
+               " training batches, but an epoch has only " + std::to_string(n) +
+               " (after limit_train_batches), so validation would never run; use "
+               "val_check_interval <= " + std::to_string(n) +
+               " or a fraction of the epoch, set check_val_every_n_epoch = std::nullopt to "
+               "count batches across epochs, or limit_val_batches = 0 to turn validation off");
+}
+
 void run_train_epoch(Impl& s) {
   auto& module = *s.module;
   auto& strategy = *s.strategy;
@@ -323,7 +383,11 @@ void run_train_epoch(Impl& s) {
   int64_t val_every = vci.is_fraction()
                         ? std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(n) * vci.value()))
                         : static_cast<int64_t>(vci.value());
-  bool val_epoch = (s.epoch + 1) % s.options.check_val_every_n_epoch == 0;
+  // Per epoch (check_val_every_n_epoch set): batches count within the epoch; unset: the
+  // interval counts training batches across epochs (Lightning's total_batch_idx).
+  auto& every_n_epoch = s.options.check_val_every_n_epoch;
+  bool val_epoch = !every_n_epoch || (s.epoch + 1) % *every_n_epoch == 0;
+  int64_t batches_before = every_n_epoch ? 0 : s.epoch * n;
   int64_t first = s.resume_batch;
   s.resume_batch = 0;
   s.batches_done = first;
@@ -366,20 +430,25 @@ void run_train_epoch(Impl& s) {
     each(cbs, [&](Callback& cb) { cb.on_train_batch_end(t, module, loss.detach(), batch, i); });
     s.collector.end_step();
     s.batch_idx = i + 1;
-    if (max_steps_reached(s))
+    bool max_reached = max_steps_reached(s);
+    if (max_reached)
       s.should_stop = true;
-    if (val_epoch && ((i + 1) % val_every == 0 || s.should_stop))
+    // A stop request validates before ending the fit, once min_epochs/min_steps allow it.
+    bool stopping = max_reached || stop_requested(s, s.epoch);
+    if (val_epoch && ((batches_before + i + 1) % val_every == 0 || stopping))
       run_validation(s);
-    if (s.should_stop)
+    if (stopping || stop_requested(s, s.epoch)) // EarlyStopping decides in validation
       break;
   }
   // Stopped mid-epoch (max_steps, a stop request): the epoch-end hooks still run, as in
   // Lightning, but the epoch is not complete: a checkpoint taken now resumes at its next
   // batch, and the epoch-interval schedulers wait for its real end.
   s.epoch_finished = s.batches_done >= n;
-  auto epoch_metrics = s.collector.epoch_metrics(LogScope::train);
-  merge(s.callback_metrics, epoch_metrics);
+  // What the module logs in on_train_epoch_end reaches callback_metrics before the
+  // callbacks' on_train_epoch_end (ModelCheckpoint, EarlyStopping, ReportCallback).
+  s.collector.begin_epoch_end(LogScope::train);
   module.on_train_epoch_end();
+  merge(s.callback_metrics, s.collector.epoch_metrics(LogScope::train));
   each(cbs, [&](Callback& cb) { cb.on_train_epoch_end(t, module); });
   log_to_loggers(s, s.collector.epoch_metrics(LogScope::train, /*for_logger=*/true));
   if (s.epoch_finished) {
@@ -442,6 +511,7 @@ void Trainer::fit(std::shared_ptr<LightningModule> model, data::DataLoader train
   s.num_training_batches = s.options.limit_train_batches.of(static_cast<int64_t>(s.train_loader->size()));
   s.num_val_batches =
     s.val_loader ? s.options.limit_val_batches.of(static_cast<int64_t>(s.val_loader->size())) : 0;
+  check_val_interval(s);
   try {
     s.strategy->setup(module, s.environment, s.device);
     auto configured = module.configure_optimizers();
@@ -469,11 +539,15 @@ void Trainer::fit(std::shared_ptr<LightningModule> model, data::DataLoader train
     s.training = true;
     each(s.callbacks, [&](Callback& cb) { cb.on_train_start(*this, module); });
     auto last = max_epochs(s);
-    while (!s.should_stop && s.epoch < last && !max_steps_reached(s)) {
+    while (!stop_requested(s, s.epoch) && s.epoch < last && !max_steps_reached(s)) {
       run_train_epoch(s);
       if (!s.epoch_finished)
         break;
+      // The next epoch starts here: a checkpoint taken from now on (on_train_end, or
+      // save_checkpoint after fit) resumes at its first batch, not one epoch later.
       ++s.epoch;
+      s.epoch_finished = false;
+      s.batches_done = 0;
     }
     s.training = false;
     each(s.callbacks, [&](Callback& cb) { cb.on_train_end(*this, module); });

@@ -84,8 +84,15 @@ class StrategyOption {
 struct TrainerOptions {
   /// Stop after this many epochs. Default -1: 1000, or unlimited when max_steps is set.
   int64_t max_epochs = -1;
+  /// Train at least this many epochs: a stop request (`should_stop`, EarlyStopping) before
+  /// then is deferred until they are done, as in Lightning; max_epochs and max_steps still
+  /// end the fit. Default unset (no minimum); negative is refused.
+  std::optional<int64_t> min_epochs = std::nullopt;
   /// Stop after this many optimizer steps, even mid-epoch. Default -1: no limit.
   int64_t max_steps = -1;
+  /// Take at least this many optimizer steps before a stop request may end the fit
+  /// (checked like min_epochs; both must be reached). Default unset; negative is refused.
+  std::optional<int64_t> min_steps = std::nullopt;
   /// Devices per process: "auto" or "1". One device per worker; scale with num_workers.
   std::string devices = "auto";
   /// "auto" (the worker's device, else a GPU if present, else CPU), "cpu", "gpu" or "cuda".
@@ -109,9 +116,13 @@ struct TrainerOptions {
   /// Test batches per test run. Default 1.0 (all).
   BatchLimit limit_test_batches = 1.0;
   /// Validate every N training batches (integer) or fraction of an epoch. Default 1.0.
+  /// With check_val_every_n_epoch set, an integer N counts batches within each epoch and
+  /// must not exceed the batches of an epoch; with it unset, N counts training batches
+  /// across epochs (validation after global batches N, 2N, ...).
   BatchLimit val_check_interval = 1.0;
-  /// Validate at the end of every N-th epoch. Default 1.
-  int64_t check_val_every_n_epoch = 1;
+  /// Validate in every N-th epoch (at val_check_interval within it). Default 1. Unset
+  /// (`std::nullopt`): validation follows an integer val_check_interval across epochs only.
+  std::optional<int64_t> check_val_every_n_epoch = 1;
   /// Validation batches run before training as a sanity check. Default 2.
   int64_t num_sanity_val_steps = 2;
   /// Log (to the loggers) every N optimizer steps. Default 50.

@@ -71,6 +71,7 @@ struct Trainer::Impl {
   bool training = false;
   bool memory_logged = false; // the strategy's memory_stats were logged (after the first step)
   bool should_stop = false;
+  bool stop_deferred_logged = false; // said once that min_epochs/min_steps defer a stop
 
   // -- metrics ------------------------------------------------------------------------
 

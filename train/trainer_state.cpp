@@ -10,6 +10,7 @@
 #include "checkpoint/files.hpp"
 #include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
+#include "core/metrics_json.hpp"
 #include "strategies/flat_shard.hpp"
 #include "train/trainer_impl.hpp"
 
@@ -102,7 +103,7 @@ json trainer_state(Trainer& trainer) {
                 {"loss_scale", s.precision ? s.precision->loss_scale() : 1.0},
                 {"world_size", s.environment->world_size()},
                 {"strategy", s.strategy->name()},
-                {"callback_metrics", s.callback_metrics}};
+                {"callback_metrics", metrics_to_json(s.callback_metrics)}};
   for (auto& cb : s.callbacks)
     cb->on_save_checkpoint(trainer, *s.module, state);
   return state;
@@ -240,7 +241,7 @@ void restore_checkpoint(Trainer& trainer, const std::string& path) {
     for (auto& cb : s.callbacks)
       if (callbacks.contains(cb->state_key()))
         cb->load_state_dict(callbacks.at(cb->state_key()));
-    s.callback_metrics = state.value("callback_metrics", Metrics{});
+    s.callback_metrics = metrics_from_json(state.value("callback_metrics", json::object()));
   } catch (const json::exception& e) {
     throw Error(Errc::corrupt_checkpoint,
                 "trainer_state.json of '" + path + "' is not valid: " + e.what());
