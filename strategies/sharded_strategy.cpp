@@ -133,6 +133,15 @@ void ShardedStrategy::setup_optimizers(
         order.push_back(it->second);
       }
       names_of_groups.push_back(std::move(order));
+      // State the optimizer already holds for these parameters (Adagrad creates its
+      // accumulators when it is built) moves into the shards; the full-size state goes.
+      std::map<std::string, std::map<std::string, at::Tensor>> existing;
+      for (auto& [name, p] : named) {
+        auto state = optimizer_state_of(opt, p);
+        if (!state.empty())
+          existing[name] = std::move(state);
+        opt.state().erase(c10::guts::to_string(p.unsafeGetTensorImpl()));
+      }
       std::vector<at::Tensor> shards;
       size_t k = 0;
       for (auto& part : partition(named)) {
@@ -140,6 +149,10 @@ void ShardedStrategy::setup_optimizers(
         flats_.push_back(std::make_unique<FlatShard>(id, part, rank, world, parameters_resident()));
         owned.push_back(flats_.size() - 1);
         shards.push_back(flats_.back()->shard());
+        install_shard_state(opt, *flats_.back(), [&](const std::string& name) {
+          auto it = existing.find(name);
+          return it == existing.end() ? nullptr : &it->second;
+        });
       }
       groups[g].params() = shards;
     }

@@ -38,6 +38,12 @@ class Net : public LightningModule {
   Optimizers configure_optimizers() override {
     if (optimizer == "adam")
       return std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-2));
+    if (optimizer == "rmsprop")
+      return std::make_shared<torch::optim::RMSprop>(
+        parameters(), torch::optim::RMSpropOptions(1e-2).momentum(0.5).weight_decay(1e-3));
+    if (optimizer == "adagrad")
+      return std::make_shared<torch::optim::Adagrad>(
+        parameters(), torch::optim::AdagradOptions(0.1).initial_accumulator_value(0.1).lr_decay(0.01));
     if (optimizer == "adamw") {
       auto opt = std::make_shared<torch::optim::AdamW>(parameters(),
                                                        torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
@@ -768,5 +774,29 @@ TEST_CASE("A DDP checkpoint restores the optimizer's options in DDP and in one p
          {2, {"ddp", ddp}}, {1, {"single_device", single_device}}}) {
     CAPTURE(world, target.name);
     check_resumed_like(run_grouped(world, target.make, "adamw", 6, dir / "ddp", ""), straight);
+  }
+}
+
+TEST_CASE("ZeRO and FSDP step every optimizer they accept (Adam, AdamW, SGD, RMSprop, Adagrad) like DDP", "[sharded][optimizer]") {
+  for (std::string optimizer : {"adam", "adamw", "sgd", "rmsprop", "adagrad"}) {
+    for (int world : {2, 3}) {
+      auto reference = train_on(world, ddp, optimizer, 6, 5);
+      auto start = with_seed(0, [&] { return std::make_shared<Net>(optimizer); });
+      REQUIRE(test::max_param_diff(*reference, *start) > 1e-3); // the optimizer moved the weights
+      for (auto& v : sharded_variants()) {
+        CAPTURE(optimizer, world, v.name);
+        CHECK(test::max_param_diff(*train_on(world, v.make, optimizer, 6, 5), *reference) < 2e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("An Adagrad run under ZeRO-2 and FSDP resumes from its sharded checkpoint like an uninterrupted one", "[sharded][optimizer][checkpoint]") {
+  auto straight = run_grouped(1, single_device, "adagrad", 6, "", "");
+  for (auto& v : sharded_targets()) {
+    CAPTURE(v.name);
+    test::TempDir dir;
+    run_grouped(2, v.make, "adagrad", 3, "", dir / "ckpt");
+    check_resumed_like(run_grouped(3, v.make, "adagrad", 6, dir / "ckpt", ""), straight);
   }
 }
