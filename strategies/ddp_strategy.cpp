@@ -209,6 +209,7 @@ std::string DDPStrategy::name() const {
 
 void DDPStrategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnvironment> environment,
                         c10::Device device) {
+  DDPStrategy::teardown(); // set up again (validate then fit): the first setup's hooks go
   Strategy::setup(module, std::move(environment), device);
   if (!communicator_ || communicator_->size() == 1)
     return; // one rank: nothing to synchronise

@@ -90,6 +90,21 @@ void ShardedStrategy::add_transient(int64_t bytes) {
 
 void ShardedStrategy::setup(torch::nn::Module& module,
                             std::shared_ptr<ClusterEnvironment> environment, c10::Device device) {
+  // Set up again (validate then fit, a second fit): the previous setup's hooks and flats
+  // go; the module's parameters keep their values (FlatShard copies them anew).
+  ShardedStrategy::teardown();
+  flats_.clear();
+  owners_.clear();
+  group_names_.clear();
+  params_.clear();
+  slots_.clear();
+  ready_.clear();
+  pending_.clear();
+  grad_buffers_.clear();
+  grad_outputs_.clear();
+  works_.clear();
+  transient_ = 0;
+  peak_transient_ = 0;
   Strategy::setup(module, std::move(environment), device);
   if (communicator_ && communicator_->size() > 1) {
     verify_same_parameters(module, *communicator_);

@@ -800,3 +800,47 @@ TEST_CASE("An Adagrad run under ZeRO-2 and FSDP resumes from its sharded checkpo
     check_resumed_like(run_grouped(3, v.make, "adagrad", 6, dir / "ckpt", ""), straight);
   }
 }
+
+namespace {
+
+/// Rank 0's module after `world` ranks ran: optionally a validate(), then a fit of 3 steps,
+/// then (in a second Trainer) another fit of 3 steps, all with the strategy `make` gives:
+/// one object for everything when `shared`, else a new one per Trainer.
+std::shared_ptr<Net> set_up_twice(int world, const StrategyMaker& make, bool validate_first,
+                                  bool shared) {
+  auto data = classification_data(12 * 8);
+  std::shared_ptr<Net> rank0;
+  std::mutex mtx;
+  run_gloo_ranks(world, [&](int rank, std::shared_ptr<Communicator> comm) {
+    auto model = with_seed(static_cast<uint64_t>(rank), [] { return std::make_shared<Net>("adam"); });
+    auto strategy = make();
+    auto loader = data::DataLoader(data, {.batch_size = 12 / world});
+    for (int fit = 0; fit < 2; ++fit) {
+      auto o = options_for(3);
+      o.strategy = shared ? strategy : make();
+      o.plugins = {StaticEnvironment(comm)};
+      Trainer trainer(o);
+      if (validate_first && fit == 0)
+        trainer.validate(model, loader);
+      trainer.fit(model, loader);
+    }
+    std::lock_guard<std::mutex> guard(mtx);
+    if (rank == 0)
+      rank0 = model;
+  });
+  return rank0;
+}
+
+} // namespace
+
+TEST_CASE("A strategy set up twice works: validate then fit, and two fits in a row, under every strategy", "[sharded][ddp][setup]") {
+  auto reference = set_up_twice(2, ddp, false, false);
+  auto variants = sharded_variants();
+  variants.insert(variants.begin(), Variant{"ddp", ddp});
+  for (auto& v : variants) {
+    for (bool validate_first : {true, false}) {
+      CAPTURE(v.name, validate_first);
+      CHECK(test::max_param_diff(*set_up_twice(2, v.make, validate_first, true), *reference) < 2e-5);
+    }
+  }
+}
