@@ -1,6 +1,7 @@
 #include "strategies/ddp_strategy.hpp"
 
 #include <mutex>
+#include <set>
 #include <sstream>
 
 #include <torch/csrc/autograd/function.h>
@@ -341,9 +342,18 @@ void DDPStrategy::finish_gradient_sync() {
 void DDPStrategy::zero_grad(torch::optim::Optimizer& optimizer) {
   if (!reducer_)
     return Strategy::zero_grad(optimizer);
-  for (auto& b : reducer_->buckets)
-    b.flat.zero_();
-  // Parameters outside the buckets (frozen ones) keep the optimizer's own behaviour.
+  // Only this optimizer's parameters: with several optimizers (a GAN's generator and
+  // discriminator), the next one still steps on its own gradients. Their gradients are
+  // views of the buckets and stay so (zeroed in place).
+  std::set<const c10::TensorImpl*> mine;
+  for (auto& group : optimizer.param_groups())
+    for (auto& p : group.params())
+      mine.insert(p.unsafeGetTensorImpl());
+  torch::NoGradGuard no_grad;
+  auto& r = *reducer_;
+  for (size_t k = 0; k < r.params.size(); ++k)
+    if (mine.count(r.params[k].unsafeGetTensorImpl()))
+      r.views[k].zero_();
 }
 
 MemoryStats DDPStrategy::memory_stats() const {

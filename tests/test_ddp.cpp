@@ -1,6 +1,8 @@
 // DDPStrategy: equivalence with single-process training, buckets, and its errors.
 #include <catch2/catch.hpp>
 
+#include <functional>
+#include <mutex>
 #include <thread>
 
 #include "helpers.hpp"
@@ -164,3 +166,73 @@ TEST_CASE("A parameter without gradient is an error unless find_unused_parameter
   CHECK_THROWS_WITH(run(false), Contains("unused.weight") && Contains("find_unused_parameters"));
   CHECK_NOTHROW(run(true));
 }
+
+// -- several optimizers, unused parameters, nothing to train ---------------------------
+
+namespace {
+
+/// A generator and a discriminator with one optimizer each (Lightning's GAN shape); one
+/// loss trains both.
+class TwoOptimizers : public LightningModule {
+ public:
+  TwoOptimizers() {
+    gen = register_module("gen", torch::nn::Linear(8, 8));
+    disc = register_module("disc", torch::nn::Linear(8, 3));
+  }
+
+  at::Tensor training_step(const Batch& batch, int64_t) override {
+    return torch::nn::functional::cross_entropy(disc->forward(torch::relu(gen->forward(batch.data))),
+                                                batch.target);
+  }
+
+  Optimizers configure_optimizers() override {
+    Optimizers o;
+    o.optimizers = {std::make_shared<torch::optim::SGD>(gen->parameters(), torch::optim::SGDOptions(0.1)),
+                    std::make_shared<torch::optim::Adam>(disc->parameters(), torch::optim::AdamOptions(1e-2))};
+    return o;
+  }
+
+  torch::nn::Linear gen{nullptr}, disc{nullptr};
+};
+
+/// Rank 0's module after `steps` steps on `world` ranks (global batch 12), each rank with
+/// the strategy `make` gives; one process without a communicator when `world` is 1.
+template <class M>
+std::shared_ptr<M> train_module(int world, int64_t steps, const std::function<StrategyOption()>& make,
+                                const std::function<void(M&, int)>& prepare = {}) {
+  auto data = classification_data(12 * steps);
+  std::shared_ptr<M> rank0;
+  std::mutex mtx;
+  auto body = [&](int rank, std::shared_ptr<Communicator> comm) {
+    auto model = with_seed(static_cast<uint64_t>(rank), [] { return std::make_shared<M>(); });
+    if (prepare)
+      prepare(*model, rank);
+    auto o = options_for(steps, 1);
+    o.strategy = make();
+    if (comm)
+      o.plugins = {StaticEnvironment(comm)};
+    Trainer(o).fit(model, data::DataLoader(data, {.batch_size = 12 / world}));
+    std::lock_guard<std::mutex> guard(mtx);
+    if (rank == 0)
+      rank0 = model;
+  };
+  if (world == 1)
+    body(0, nullptr);
+  else
+    run_gloo_ranks(world, body);
+  return rank0;
+}
+
+} // namespace
+
+TEST_CASE("DDP's zero_grad of one optimizer leaves the other's gradients: both optimizers of a GAN step like one process", "[ddp][optimizer]") {
+  auto single = train_module<TwoOptimizers>(1, 4, [] { return "single_device"; });
+  auto ddp = train_module<TwoOptimizers>(2, 4, [] { return DDPStrategy(); });
+  auto start = with_seed(0, [] { return std::make_shared<TwoOptimizers>(); });
+  // Both optimizers moved their parameters, in one process and under DDP alike.
+  CHECK(test::max_param_diff(*single->disc, *start->disc) > 1e-3);
+  CHECK(test::max_param_diff(*single->gen, *start->gen) > 1e-3);
+  CHECK(test::max_param_diff(*ddp->disc, *single->disc) < 2e-5);
+  CHECK(test::max_param_diff(*ddp->gen, *single->gen) < 2e-5);
+}
+
