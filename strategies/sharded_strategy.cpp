@@ -114,7 +114,7 @@ void ShardedStrategy::setup(torch::nn::Module& module,
 
 void ShardedStrategy::setup_optimizers(
   std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) {
-  require_setup("setup_optimizers");
+  Strategy::setup_optimizers(optimizers); // checks there is something to train
   std::map<c10::TensorImpl*, std::string> names;
   for (auto& item : module_->named_parameters())
     names[item.value().unsafeGetTensorImpl()] = item.key();
@@ -206,7 +206,6 @@ void ShardedStrategy::setup_optimizers(
     accumulators_.push_back(std::move(acc));
   }
   reset_step();
-  Strategy::setup_optimizers(optimizers);
 }
 
 void ShardedStrategy::teardown() {

@@ -31,6 +31,16 @@ void Strategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnvironme
 }
 
 void Strategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) {
+  require_setup("setup_optimizers");
+  bool trainable = false;
+  for (auto& p : module_->parameters())
+    trainable = trainable || p.requires_grad();
+  if (!trainable)
+    throw Error(Errc::invalid_config,
+                "strategy '" + name() + "': the module has no trainable parameters (none, or all "
+                                        "with requires_grad false), so fit has nothing to train; "
+                                        "register parameters in the module, or call validate or "
+                                        "test instead");
   optimizers_ = optimizers;
 }
 
