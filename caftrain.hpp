@@ -15,6 +15,7 @@
 #include "callbacks/report_callback.hpp"
 #include "checkpoint/checkpoint.hpp"
 #include "checkpoint/checkpoint_manager.hpp"
+#include "checkpoint/optimizer_archive.hpp"
 #include "checkpoint/sharded.hpp"
 #include "checkpoint/state_dict.hpp"
 #include "core/config.hpp"

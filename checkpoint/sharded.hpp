@@ -17,6 +17,9 @@ namespace caftrain {
 /// File names of a sharded checkpoint.
 constexpr const char* kLayoutFile = "layout.json";
 constexpr const char* kBuffersFile = "buffers.pt";
+/// Every optimizer's param-group options (lr, weight_decay, ...; libtorch's archive of
+/// them, see `optimizer_options_bytes`), written by rank 0.
+constexpr const char* kOptimizerOptionsFile = "optimizer_options.pt";
 
 /// The shard file of `rank`: "shards/rank_<rank>.pt".
 std::string shard_file(int64_t rank);

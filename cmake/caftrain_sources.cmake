@@ -16,6 +16,7 @@ set(CAFTRAIN_SOURCES
   checkpoint/checkpoint.cpp
   checkpoint/checkpoint_manager.cpp
   checkpoint/files.cpp
+  checkpoint/optimizer_archive.cpp
   checkpoint/sharded.cpp
   checkpoint/state_dict.cpp
   # environment: where a worker stands, communicators

@@ -1,6 +1,7 @@
 #include "strategies/ddp_strategy.hpp"
 
 #include <mutex>
+#include <set>
 #include <sstream>
 
 #include <torch/csrc/autograd/function.h>
@@ -141,6 +142,9 @@ struct DDPStrategy::Reducer {
   std::vector<at::Tensor> views;
   std::vector<size_t> bucket_of;
   std::vector<bool> ready;
+  /// Per parameter: a gradient arrived since the last synchronisation (no_sync
+  /// micro-batches included); with find_unused_parameters, the ranks agree on it.
+  std::vector<bool> used;
   std::vector<Bucket> buckets;
   size_t next_launch = 0;
   bool step_active = false;
@@ -155,6 +159,7 @@ struct DDPStrategy::Reducer {
       b.work.reset();
     }
     std::fill(ready.begin(), ready.end(), false);
+    std::fill(used.begin(), used.end(), false);
     next_launch = 0;
     step_active = false;
   }
@@ -209,6 +214,7 @@ std::string DDPStrategy::name() const {
 
 void DDPStrategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnvironment> environment,
                         c10::Device device) {
+  DDPStrategy::teardown(); // set up again (validate then fit): the first setup's hooks go
   Strategy::setup(module, std::move(environment), device);
   if (!communicator_ || communicator_->size() == 1)
     return; // one rank: nothing to synchronise
@@ -226,6 +232,7 @@ void DDPStrategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnviro
   r->views.resize(n);
   r->bucket_of.resize(n);
   r->ready.assign(n, false);
+  r->used.assign(n, false);
   // Reverse registration order; a new bucket when the cap is reached or the dtype changes.
   std::vector<std::vector<size_t>> groups;
   double bytes = 0;
@@ -283,10 +290,12 @@ void DDPStrategy::teardown() {
 }
 
 void DDPStrategy::mark_ready(size_t index) {
-  if (!reducer_ || !sync_enabled_)
-    return; // accumulating locally (no_sync)
+  if (!reducer_)
+    return;
   std::lock_guard<std::mutex> guard(reducer_->mtx);
-  reducer_->mark(index);
+  reducer_->used[index] = true;
+  if (sync_enabled_) // else accumulating locally (no_sync)
+    reducer_->mark(index);
 }
 
 void DDPStrategy::before_training_step() {
@@ -321,6 +330,17 @@ void DDPStrategy::finish_gradient_sync() {
       if (!r.ready[k])
         r.mark(k);
   }
+  // Which parameters got a gradient on some rank: one small all-reduce after every
+  // bucket's (the same order on every rank), as PyTorch DDP's find_unused_parameters.
+  std::shared_ptr<Work> usage_work;
+  at::Tensor usage;
+  if (options_.find_unused_parameters && !r.params.empty()) {
+    auto local = torch::zeros({static_cast<int64_t>(r.params.size())}, torch::kFloat);
+    for (size_t k = 0; k < r.params.size(); ++k)
+      local[static_cast<int64_t>(k)] = r.used[k] ? 1.0f : 0.0f;
+    usage = local.to(r.params.front().device());
+    usage_work = r.comm->allreduce(usage, ReduceOp::sum);
+  }
   guard.unlock();
   std::exception_ptr failure;
   for (auto& b : r.buckets) {
@@ -331,7 +351,22 @@ void DDPStrategy::finish_gradient_sync() {
         failure = std::current_exception();
     }
   }
+  try {
+    if (usage_work)
+      usage_work->wait();
+  } catch (...) {
+    if (!failure)
+      failure = std::current_exception();
+  }
   guard.lock();
+  if (usage.defined() && !failure) {
+    // A parameter no rank used keeps no gradient, so that optimizers (and their weight
+    // decay) skip it; its bucket slot, reduced as zeros, is left behind until it is used.
+    auto global = usage.cpu();
+    for (size_t k = 0; k < r.params.size(); ++k)
+      if (global[static_cast<int64_t>(k)].item<float>() == 0.0f)
+        r.params[k].mutable_grad().reset();
+  }
   r.reset_step();
   if (failure)
     std::rethrow_exception(failure);
@@ -340,9 +375,18 @@ void DDPStrategy::finish_gradient_sync() {
 void DDPStrategy::zero_grad(torch::optim::Optimizer& optimizer) {
   if (!reducer_)
     return Strategy::zero_grad(optimizer);
-  for (auto& b : reducer_->buckets)
-    b.flat.zero_();
-  // Parameters outside the buckets (frozen ones) keep the optimizer's own behaviour.
+  // Only this optimizer's parameters: with several optimizers (a GAN's generator and
+  // discriminator), the next one still steps on its own gradients. Their gradients are
+  // views of the buckets and stay so (zeroed in place).
+  std::set<const c10::TensorImpl*> mine;
+  for (auto& group : optimizer.param_groups())
+    for (auto& p : group.params())
+      mine.insert(p.unsafeGetTensorImpl());
+  torch::NoGradGuard no_grad;
+  auto& r = *reducer_;
+  for (size_t k = 0; k < r.params.size(); ++k)
+    if (mine.count(r.params[k].unsafeGetTensorImpl()))
+      r.views[k].zero_();
 }
 
 MemoryStats DDPStrategy::memory_stats() const {

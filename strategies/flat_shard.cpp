@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "checkpoint/optimizer_archive.hpp"
 #include "core/error.hpp"
 
 namespace caftrain {
@@ -121,47 +122,15 @@ std::string key_of(const at::Tensor& param) {
   return c10::guts::to_string(param.unsafeGetTensorImpl());
 }
 
-at::Tensor step_tensor(int64_t step) {
-  return torch::tensor(step, torch::kLong);
-}
-
 } // namespace
 
 std::map<std::string, at::Tensor> optimizer_state_of(const torch::optim::Optimizer& optimizer,
                                                      const at::Tensor& param) {
-  namespace o = torch::optim;
   require_elementwise(optimizer, "a sharded strategy");
-  std::map<std::string, at::Tensor> result;
   auto it = optimizer.state().find(key_of(param));
   if (it == optimizer.state().end())
-    return result;
-  auto* state = it->second.get();
-  auto put = [&](const char* name, const at::Tensor& t) {
-    if (t.defined())
-      result[name] = t;
-  };
-  if (auto* s = dynamic_cast<const o::AdamParamState*>(state)) {
-    result["step"] = step_tensor(s->step());
-    put("exp_avg", s->exp_avg());
-    put("exp_avg_sq", s->exp_avg_sq());
-    put("max_exp_avg_sq", s->max_exp_avg_sq());
-  } else if (auto* s = dynamic_cast<const o::AdamWParamState*>(state)) {
-    result["step"] = step_tensor(s->step());
-    put("exp_avg", s->exp_avg());
-    put("exp_avg_sq", s->exp_avg_sq());
-    put("max_exp_avg_sq", s->max_exp_avg_sq());
-  } else if (auto* s = dynamic_cast<const o::SGDParamState*>(state)) {
-    put("momentum_buffer", s->momentum_buffer());
-  } else if (auto* s = dynamic_cast<const o::RMSpropParamState*>(state)) {
-    result["step"] = step_tensor(s->step());
-    put("square_avg", s->square_avg());
-    put("momentum_buffer", s->momentum_buffer());
-    put("grad_avg", s->grad_avg());
-  } else if (auto* s = dynamic_cast<const o::AdagradParamState*>(state)) {
-    result["step"] = step_tensor(s->step());
-    put("sum", s->sum());
-  }
-  return result;
+    return {};
+  return state_tensors(*it->second);
 }
 
 void set_optimizer_state(torch::optim::Optimizer& optimizer, const at::Tensor& param,

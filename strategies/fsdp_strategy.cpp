@@ -147,6 +147,9 @@ FSDPStrategy::partition(const std::vector<std::pair<std::string, at::Tensor>>& p
 
 void FSDPStrategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) {
   ShardedStrategy::setup_optimizers(optimizers);
+  prefetching_.clear();
+  forward_order_.clear(); // a new setup records its own forward order
+  order_recorded_ = false;
   storage_to_flat_.clear();
   for (size_t f = 0; f < flats_.size(); ++f)
     storage_to_flat_[flats_[f]->full().storage().unsafeGetStorageImpl()] = f;

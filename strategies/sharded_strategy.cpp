@@ -1,6 +1,7 @@
 #include "strategies/sharded_strategy.hpp"
 
 #include <cmath>
+#include <functional>
 #include <map>
 
 #include <torch/csrc/autograd/function.h>
@@ -8,6 +9,8 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
 
+#include "checkpoint/files.hpp"
+#include "checkpoint/optimizer_archive.hpp"
 #include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
 #include "environment/cluster_environment.hpp"
@@ -33,6 +36,45 @@ class ShardHook : public torch::autograd::FunctionPostHook {
   size_t index_;
 };
 
+/// Per-parameter state (full shape) of a parameter by name; null when it has none.
+using StateLookup = std::function<const std::map<std::string, at::Tensor>*(const std::string&)>;
+
+/// Installs in `optimizer` the state of `flat`'s shard, cut from its parameters' full
+/// state: each state tensor of the shard is the part of the flat layout this rank owns
+/// (zeros in the padding), so each rank copies only its own elements.
+void install_shard_state(torch::optim::Optimizer& optimizer, const FlatShard& flat,
+                         const StateLookup& lookup) {
+  torch::NoGradGuard no_grad;
+  int64_t begin = flat.rank() * flat.shard_size();
+  int64_t end = begin + flat.shard_size();
+  std::map<std::string, at::Tensor> mine;
+  for (auto& e : flat.entries()) {
+    auto* state = lookup(e.name);
+    if (!state)
+      continue;
+    int64_t lo = std::max(begin, e.offset);
+    int64_t hi = std::min(end, e.offset + e.numel);
+    for (auto& [key, t] : *state) {
+      if (key == "step") {
+        mine[key] = t;
+        continue;
+      }
+      if (t.numel() != e.numel)
+        throw Error(Errc::state_mismatch, "optimizer state '" + key + "' of parameter '" + e.name +
+                                            "' has " + std::to_string(t.numel()) +
+                                            " elements but the parameter has " +
+                                            std::to_string(e.numel));
+      auto& buffer = mine[key];
+      if (!buffer.defined())
+        buffer = torch::zeros({flat.shard_size()}, flat.shard().options().requires_grad(false));
+      if (lo < hi)
+        buffer.narrow(0, lo - begin, hi - lo).copy_(t.reshape({-1}).narrow(0, lo - e.offset, hi - lo));
+    }
+  }
+  if (!mine.empty()) // else: saved before the first step, no optimizer state yet
+    set_optimizer_state(optimizer, flat.shard(), mine);
+}
+
 } // namespace
 
 ShardedStrategy::~ShardedStrategy() = default;
@@ -48,6 +90,21 @@ void ShardedStrategy::add_transient(int64_t bytes) {
 
 void ShardedStrategy::setup(torch::nn::Module& module,
                             std::shared_ptr<ClusterEnvironment> environment, c10::Device device) {
+  // Set up again (validate then fit, a second fit): the previous setup's hooks and flats
+  // go; the module's parameters keep their values (FlatShard copies them anew).
+  ShardedStrategy::teardown();
+  flats_.clear();
+  owners_.clear();
+  group_names_.clear();
+  params_.clear();
+  slots_.clear();
+  ready_.clear();
+  pending_.clear();
+  grad_buffers_.clear();
+  grad_outputs_.clear();
+  works_.clear();
+  transient_ = 0;
+  peak_transient_ = 0;
   Strategy::setup(module, std::move(environment), device);
   if (communicator_ && communicator_->size() > 1) {
     verify_same_parameters(module, *communicator_);
@@ -57,7 +114,7 @@ void ShardedStrategy::setup(torch::nn::Module& module,
 
 void ShardedStrategy::setup_optimizers(
   std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) {
-  require_setup("setup_optimizers");
+  Strategy::setup_optimizers(optimizers); // checks there is something to train
   std::map<c10::TensorImpl*, std::string> names;
   for (auto& item : module_->named_parameters())
     names[item.value().unsafeGetTensorImpl()] = item.key();
@@ -72,9 +129,11 @@ void ShardedStrategy::setup_optimizers(
     auto& opt = *optimizers[oi];
     require_elementwise(opt, label());
     std::vector<size_t> owned;
+    std::vector<std::vector<std::string>> names_of_groups;
     auto& groups = opt.param_groups();
     for (size_t g = 0; g < groups.size(); ++g) {
       std::vector<std::pair<std::string, at::Tensor>> named;
+      std::vector<std::string> order;
       for (auto& p : groups[g].params()) {
         auto it = names.find(p.unsafeGetTensorImpl());
         if (it == names.end())
@@ -86,6 +145,17 @@ void ShardedStrategy::setup_optimizers(
                                               "' is in two param groups or optimizers");
         covered[p.unsafeGetTensorImpl()] = true;
         named.emplace_back(it->second, p);
+        order.push_back(it->second);
+      }
+      names_of_groups.push_back(std::move(order));
+      // State the optimizer already holds for these parameters (Adagrad creates its
+      // accumulators when it is built) moves into the shards; the full-size state goes.
+      std::map<std::string, std::map<std::string, at::Tensor>> existing;
+      for (auto& [name, p] : named) {
+        auto state = optimizer_state_of(opt, p);
+        if (!state.empty())
+          existing[name] = std::move(state);
+        opt.state().erase(c10::guts::to_string(p.unsafeGetTensorImpl()));
       }
       std::vector<at::Tensor> shards;
       size_t k = 0;
@@ -94,10 +164,15 @@ void ShardedStrategy::setup_optimizers(
         flats_.push_back(std::make_unique<FlatShard>(id, part, rank, world, parameters_resident()));
         owned.push_back(flats_.size() - 1);
         shards.push_back(flats_.back()->shard());
+        install_shard_state(opt, *flats_.back(), [&](const std::string& name) {
+          auto it = existing.find(name);
+          return it == existing.end() ? nullptr : &it->second;
+        });
       }
       groups[g].params() = shards;
     }
     owners_.emplace_back(optimizers[oi].get(), owned);
+    group_names_.push_back(std::move(names_of_groups));
   }
   for (auto& item : module_->named_parameters())
     if (item.value().requires_grad() && !covered[item.value().unsafeGetTensorImpl()])
@@ -131,7 +206,6 @@ void ShardedStrategy::setup_optimizers(
     accumulators_.push_back(std::move(acc));
   }
   reset_step();
-  Strategy::setup_optimizers(optimizers);
 }
 
 void ShardedStrategy::teardown() {
@@ -388,6 +462,7 @@ std::map<std::string, std::vector<char>> ShardedStrategy::shard_files() {
     for (auto& item : module_->named_buffers())
       buffers.insert(item.key(), item.value().detach());
     files[kBuffersFile] = serialize_state_dict(buffers);
+    files[kOptimizerOptionsFile] = optimizer_options_bytes(optimizers_);
   }
   return files;
 }
@@ -395,36 +470,53 @@ std::map<std::string, std::vector<char>> ShardedStrategy::shard_files() {
 void ShardedStrategy::load_sharded(const Checkpoint& checkpoint) {
   auto state = consolidate(checkpoint); // any world size: put everything back together
   load_model_state_dict(state.model, true);
-  torch::NoGradGuard no_grad;
-  for (auto& [opt, owned] : owners_) {
-    for (auto f : owned) {
-      auto& flat = *flats_[f];
-      std::map<std::string, at::Tensor> full;
-      at::Tensor step;
-      for (auto& e : flat.entries()) {
-        auto it = state.optimizer.find(e.name);
-        if (it == state.optimizer.end())
-          continue;
-        for (auto& [key, t] : it->second) {
-          if (key == "step") {
-            step = t;
-            continue;
-          }
-          auto& buffer = full[key];
-          if (!buffer.defined())
-            buffer = torch::zeros({flat.padded()}, flat.full().options());
-          buffer.narrow(0, e.offset, e.numel).copy_(t.reshape({-1}));
-        }
-      }
-      if (full.empty())
-        continue; // saved before the first step: no optimizer state yet
-      std::map<std::string, at::Tensor> mine;
-      for (auto& [key, buffer] : full)
-        mine[key] = buffer.narrow(0, flat.rank() * flat.shard_size(), flat.shard_size()).clone();
-      if (step.defined())
-        mine["step"] = step;
-      set_optimizer_state(*opt, flat.shard(), mine);
+  for (auto& [opt, owned] : owners_)
+    for (auto f : owned)
+      install_shard_state(*opt, *flats_[f], [&](const std::string& name) {
+        auto it = state.optimizer.find(name);
+        return it == state.optimizer.end() ? nullptr : &it->second;
+      });
+  if (checkpoint.has_file(kOptimizerOptionsFile)) {
+    auto path = checkpoint.file(kOptimizerOptionsFile);
+    auto saved = read_saved_optimizers(read_file(path), optimizers_, path);
+    for (size_t i = 0; i < saved.size(); ++i)
+      restore_options(*optimizers_[i], saved[i], path);
+  }
+}
+
+void ShardedStrategy::load_optimizer_state(const std::vector<SavedOptimizer>& saved) {
+  require_setup("load_optimizer_state");
+  if (saved.size() != owners_.size())
+    throw Error(Errc::state_mismatch, label() + ": the checkpoint has " +
+                                        std::to_string(saved.size()) + " optimizers but "
+                                        "configure_optimizers returned " +
+                                        std::to_string(owners_.size()));
+  for (size_t i = 0; i < owners_.size(); ++i) {
+    auto& names = group_names_[i];
+    auto& groups = saved[i].groups;
+    if (groups.size() != names.size())
+      throw Error(Errc::state_mismatch, label() + ": optimizer " + std::to_string(i) + " has " +
+                                          std::to_string(groups.size()) +
+                                          " param groups in the checkpoint but " +
+                                          std::to_string(names.size()) + " here");
+    // The saved state is indexed like configure_optimizers' groups: name it, then cut it.
+    std::map<std::string, const std::map<std::string, at::Tensor>*> by_name;
+    for (size_t g = 0; g < names.size(); ++g) {
+      if (groups[g].state.size() != names[g].size())
+        throw Error(Errc::state_mismatch,
+                    label() + ": param group " + std::to_string(g) + " of optimizer " +
+                      std::to_string(i) + " has " + std::to_string(groups[g].state.size()) +
+                      " parameters in the checkpoint but " + std::to_string(names[g].size()) +
+                      " here; build the groups as the run that saved it did");
+      for (size_t k = 0; k < names[g].size(); ++k)
+        by_name[names[g][k]] = &groups[g].state[k];
     }
+    auto& [opt, owned] = owners_[i];
+    for (auto f : owned)
+      install_shard_state(*opt, *flats_[f], [&](const std::string& name) {
+        auto it = by_name.find(name);
+        return it == by_name.end() || it->second->empty() ? nullptr : it->second;
+      });
   }
 }
 

@@ -53,6 +53,7 @@ class ShardedStrategy : public Strategy {
   }
   std::map<std::string, std::vector<char>> shard_files() override;
   void load_sharded(const Checkpoint& checkpoint) override;
+  void load_optimizer_state(const std::vector<SavedOptimizer>& saved) override;
   MemoryStats memory_stats() const override;
 
   /// The flats, in launch order (after setup_optimizers).
@@ -133,6 +134,9 @@ class ShardedStrategy : public Strategy {
   bool step_active_ = false;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
   std::vector<uintptr_t> hook_keys_;
+  /// Per optimizer, per param group: its parameters' names in the group's original order
+  /// (before the shards replaced them), by which unsharded optimizer state is indexed.
+  std::vector<std::vector<std::vector<std::string>>> group_names_;
   /// optimizer -> flats it steps
   std::vector<std::pair<torch::optim::Optimizer*, std::vector<size_t>>> owners_;
   std::mutex mtx_;

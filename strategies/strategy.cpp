@@ -4,8 +4,10 @@
 
 #include <torch/torch.h>
 
+#include "checkpoint/optimizer_archive.hpp"
 #include "core/error.hpp"
 #include "environment/cluster_environment.hpp"
+#include "strategies/flat_shard.hpp"
 
 namespace caftrain {
 
@@ -29,6 +31,16 @@ void Strategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnvironme
 }
 
 void Strategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) {
+  require_setup("setup_optimizers");
+  bool trainable = false;
+  for (auto& p : module_->parameters())
+    trainable = trainable || p.requires_grad();
+  if (!trainable)
+    throw Error(Errc::invalid_config,
+                "strategy '" + name() + "': the module has no trainable parameters (none, or all "
+                                        "with requires_grad false), so fit has nothing to train; "
+                                        "register parameters in the module, or call validate or "
+                                        "test instead");
   optimizers_ = optimizers;
 }
 
@@ -122,6 +134,35 @@ void Strategy::load_sharded(const Checkpoint&) {
   throw Error(Errc::invalid_config, "strategy '" + name() + "' loads unsharded checkpoints");
 }
 
+void Strategy::load_optimizer_state(const std::vector<SavedOptimizer>& saved) {
+  require_setup("load_optimizer_state");
+  if (saved.size() != optimizers_.size())
+    throw Error(Errc::state_mismatch, "strategy '" + name() + "': the checkpoint has " +
+                                        std::to_string(saved.size()) + " optimizers but "
+                                        "configure_optimizers returned " +
+                                        std::to_string(optimizers_.size()));
+  for (size_t i = 0; i < saved.size(); ++i) {
+    auto& groups = optimizers_[i]->param_groups();
+    if (saved[i].groups.size() != groups.size())
+      throw Error(Errc::state_mismatch, "optimizer " + std::to_string(i) + " has " +
+                                          std::to_string(saved[i].groups.size()) +
+                                          " param groups in the checkpoint but " +
+                                          std::to_string(groups.size()) + " here");
+    for (size_t g = 0; g < groups.size(); ++g) {
+      auto& params = groups[g].params();
+      auto& state = saved[i].groups[g].state;
+      if (state.size() != params.size())
+        throw Error(Errc::state_mismatch,
+                    "param group " + std::to_string(g) + " of optimizer " + std::to_string(i) +
+                      " has " + std::to_string(state.size()) + " parameters in the checkpoint but " +
+                      std::to_string(params.size()) + " here; build the groups as the run that "
+                      "saved it did");
+      for (size_t k = 0; k < params.size(); ++k)
+        set_optimizer_state(*optimizers_[i], params[k], state[k]);
+    }
+  }
+}
+
 std::vector<at::Tensor> Strategy::gradients() {
   require_setup("gradients");
   std::vector<at::Tensor> result;
@@ -146,32 +187,11 @@ MemoryStats Strategy::memory_stats() const {
 }
 
 int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer) {
-  namespace optim = torch::optim;
   int64_t total = 0;
-  auto add = [&](const at::Tensor& t) {
-    if (t.defined())
-      total += static_cast<int64_t>(t.nbytes());
-  };
-  for (auto& item : optimizer.state()) {
-    auto* state = item.second.get();
-    if (auto* s = dynamic_cast<const optim::AdamParamState*>(state)) {
-      add(s->exp_avg());
-      add(s->exp_avg_sq());
-      add(s->max_exp_avg_sq());
-    } else if (auto* s = dynamic_cast<const optim::AdamWParamState*>(state)) {
-      add(s->exp_avg());
-      add(s->exp_avg_sq());
-      add(s->max_exp_avg_sq());
-    } else if (auto* s = dynamic_cast<const optim::SGDParamState*>(state)) {
-      add(s->momentum_buffer());
-    } else if (auto* s = dynamic_cast<const optim::RMSpropParamState*>(state)) {
-      add(s->square_avg());
-      add(s->momentum_buffer());
-      add(s->grad_avg());
-    } else if (auto* s = dynamic_cast<const optim::AdagradParamState*>(state)) {
-      add(s->sum());
-    }
-  }
+  for (auto& item : optimizer.state())
+    for (auto& [key, t] : state_tensors(*item.second))
+      if (key != "step") // a counter, not state that grows with the model
+        total += static_cast<int64_t>(t.nbytes());
   return total;
 }
 

@@ -25,6 +25,7 @@ namespace caftrain {
 
 class Checkpoint;
 class ClusterEnvironment;
+struct SavedOptimizer;
 
 /// Bytes a strategy holds on this rank, so that sharding's savings are measured, not
 /// assumed. `peak_*` are high-water marks since setup (or the last reset).
@@ -147,6 +148,13 @@ class Strategy {
   /// Restores parameters and optimizer state from a sharded checkpoint written with any
   /// world size (resharding as needed).
   virtual void load_sharded(const Checkpoint& checkpoint);
+
+  /// Restores the optimizers' state from full (unsharded) per-parameter state, `saved[i]`
+  /// for optimizer i, by param group and parameter index in the order configure_optimizers
+  /// built them (libtorch's own order, see `read_optimizer_archive`). Sharded strategies
+  /// slice each parameter's state into their shards; the base class installs it as it is.
+  /// Throws `Error(state_mismatch)` when the groups or parameters do not match.
+  virtual void load_optimizer_state(const std::vector<SavedOptimizer>& saved);
 
   /// The gradient tensors the optimizers step with (after finish_gradient_sync): the
   /// parameters' gradients, or the shards' for sharded strategies.

@@ -1,6 +1,8 @@
 // DDPStrategy: equivalence with single-process training, buckets, and its errors.
 #include <catch2/catch.hpp>
 
+#include <functional>
+#include <mutex>
 #include <thread>
 
 #include "helpers.hpp"
@@ -163,4 +165,148 @@ TEST_CASE("A parameter without gradient is an error unless find_unused_parameter
   };
   CHECK_THROWS_WITH(run(false), Contains("unused.weight") && Contains("find_unused_parameters"));
   CHECK_NOTHROW(run(true));
+}
+
+// -- several optimizers, unused parameters, nothing to train ---------------------------
+
+namespace {
+
+/// A generator and a discriminator with one optimizer each (Lightning's GAN shape); one
+/// loss trains both.
+class TwoOptimizers : public LightningModule {
+ public:
+  TwoOptimizers() {
+    gen = register_module("gen", torch::nn::Linear(8, 8));
+    disc = register_module("disc", torch::nn::Linear(8, 3));
+  }
+
+  at::Tensor training_step(const Batch& batch, int64_t) override {
+    return torch::nn::functional::cross_entropy(disc->forward(torch::relu(gen->forward(batch.data))),
+                                                batch.target);
+  }
+
+  Optimizers configure_optimizers() override {
+    Optimizers o;
+    o.optimizers = {std::make_shared<torch::optim::SGD>(gen->parameters(), torch::optim::SGDOptions(0.1)),
+                    std::make_shared<torch::optim::Adam>(disc->parameters(), torch::optim::AdamOptions(1e-2))};
+    return o;
+  }
+
+  torch::nn::Linear gen{nullptr}, disc{nullptr};
+};
+
+/// Rank 0's module after `steps` steps on `world` ranks (global batch 12), each rank with
+/// the strategy `make` gives; one process without a communicator when `world` is 1.
+template <class M>
+std::shared_ptr<M> train_module(int world, int64_t steps, const std::function<StrategyOption()>& make,
+                                const std::function<void(M&, int)>& prepare = {}) {
+  auto data = classification_data(12 * steps);
+  std::shared_ptr<M> rank0;
+  std::mutex mtx;
+  auto body = [&](int rank, std::shared_ptr<Communicator> comm) {
+    auto model = with_seed(static_cast<uint64_t>(rank), [] { return std::make_shared<M>(); });
+    if (prepare)
+      prepare(*model, rank);
+    auto o = options_for(steps, 1);
+    o.strategy = make();
+    if (comm)
+      o.plugins = {StaticEnvironment(comm)};
+    Trainer(o).fit(model, data::DataLoader(data, {.batch_size = 12 / world}));
+    std::lock_guard<std::mutex> guard(mtx);
+    if (rank == 0)
+      rank0 = model;
+  };
+  if (world == 1)
+    body(0, nullptr);
+  else
+    run_gloo_ranks(world, body);
+  return rank0;
+}
+
+} // namespace
+
+TEST_CASE("DDP's zero_grad of one optimizer leaves the other's gradients: both optimizers of a GAN step like one process", "[ddp][optimizer]") {
+  auto single = train_module<TwoOptimizers>(1, 4, [] { return "single_device"; });
+  auto ddp = train_module<TwoOptimizers>(2, 4, [] { return DDPStrategy(); });
+  auto start = with_seed(0, [] { return std::make_shared<TwoOptimizers>(); });
+  // Both optimizers moved their parameters, in one process and under DDP alike.
+  CHECK(test::max_param_diff(*single->disc, *start->disc) > 1e-3);
+  CHECK(test::max_param_diff(*single->gen, *start->gen) > 1e-3);
+  CHECK(test::max_param_diff(*ddp->disc, *single->disc) < 2e-5);
+  CHECK(test::max_param_diff(*ddp->gen, *single->gen) < 2e-5);
+}
+
+
+namespace {
+
+/// An MLP with a layer only the ranks that set `use_extra` use, and one that no rank
+/// uses; AdamW with weight decay, which would move a parameter whose gradient is zero.
+class PartlyUsed : public LightningModule {
+ public:
+  PartlyUsed() {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+    fc2 = register_module("fc2", torch::nn::Linear(16, 3));
+    extra = register_module("extra", torch::nn::Linear(3, 3));
+    unused = register_module("unused", torch::nn::Linear(8, 8));
+  }
+
+  at::Tensor training_step(const Batch& batch, int64_t) override {
+    auto out = fc2->forward(torch::relu(fc1->forward(batch.data)));
+    if (use_extra)
+      out = extra->forward(out);
+    return torch::nn::functional::cross_entropy(out, batch.target);
+  }
+
+  Optimizers configure_optimizers() override {
+    return std::make_shared<torch::optim::AdamW>(parameters(),
+                                                 torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  }
+
+  bool use_extra = false;
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr}, extra{nullptr}, unused{nullptr};
+};
+
+} // namespace
+
+TEST_CASE("Under DDP with find_unused_parameters a parameter no rank used keeps no gradient and stays put, as in one process", "[ddp]") {
+  auto start = with_seed(0, [] { return std::make_shared<PartlyUsed>(); });
+  auto ddp = train_module<PartlyUsed>(2, 3, [] { return DDPStrategy({.find_unused_parameters = true}); },
+                                      [](PartlyUsed& m, int rank) { m.use_extra = rank == 1; });
+  // No rank used it: no gradient, so neither Adam's update nor its weight decay touched it.
+  CHECK_FALSE(ddp->unused->weight.grad().defined());
+  CHECK(torch::equal(ddp->unused->weight, start->unused->weight));
+  CHECK(torch::equal(ddp->unused->bias, start->unused->bias));
+  // Rank 1 used `extra`: rank 0 gets the average gradient and steps it.
+  CHECK(ddp->extra->weight.grad().defined());
+  CHECK(test::max_param_diff(*ddp->extra, *start->extra) > 1e-4);
+  // One process leaves an unused parameter alone likewise.
+  auto single = train_module<PartlyUsed>(1, 3, [] { return "single_device"; });
+  CHECK_FALSE(single->unused->weight.grad().defined());
+  CHECK(torch::equal(single->unused->weight, start->unused->weight));
+}
+
+namespace {
+
+/// An MLP whose parameters are all frozen.
+class Frozen : public Mlp {
+ public:
+  Frozen() {
+    for (auto& p : parameters())
+      p.set_requires_grad(false);
+  }
+};
+
+} // namespace
+
+TEST_CASE("A model without trainable parameters is a clear error at setup, under every strategy", "[ddp][sharded]") {
+  using Make = std::function<StrategyOption()>;
+  for (auto& [world, make] : std::vector<std::pair<int, Make>>{
+         {1, [] { return "single_device"; }}, {2, [] { return DDPStrategy(); }},
+         {2, [] { return ZeroStrategy({.stage = 1}); }}, {2, [] { return ZeroStrategy({.stage = 2}); }},
+         {2, [] { return FSDPStrategy(); }}}) {
+    auto name = make().name();
+    CAPTURE(name);
+    CHECK_THROWS_WITH(train_module<Frozen>(world, 1, make),
+                      Contains("no trainable parameters") && Contains(name));
+  }
 }

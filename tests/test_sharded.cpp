@@ -6,7 +6,9 @@
 
 #include <functional>
 #include <mutex>
+#include <sstream>
 
+#include "checkpoint/files.hpp"
 #include "helpers.hpp"
 
 using namespace caftrain;
@@ -36,6 +38,12 @@ class Net : public LightningModule {
   Optimizers configure_optimizers() override {
     if (optimizer == "adam")
       return std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-2));
+    if (optimizer == "rmsprop")
+      return std::make_shared<torch::optim::RMSprop>(
+        parameters(), torch::optim::RMSpropOptions(1e-2).momentum(0.5).weight_decay(1e-3));
+    if (optimizer == "adagrad")
+      return std::make_shared<torch::optim::Adagrad>(
+        parameters(), torch::optim::AdagradOptions(0.1).initial_accumulator_value(0.1).lr_decay(0.01));
     if (optimizer == "adamw") {
       auto opt = std::make_shared<torch::optim::AdamW>(parameters(),
                                                        torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
@@ -501,5 +509,338 @@ TEST_CASE("A fit stopped by max_steps mid-epoch and saved resumes at its next ba
     CHECK(state.global_step == 3);
     auto resumed = run_ckpt(2, v.make, 6, saved, "");
     CHECK(test::max_param_diff(*resumed, *straight) < 2e-5);
+  }
+}
+
+// -- optimizer state and hyperparameters across strategies -----------------------------
+
+namespace {
+
+namespace O = torch::optim;
+
+/// Every option of every param group of `optimizer`, as text: what a resume must bring back.
+std::string describe(const O::Optimizer& optimizer) {
+  std::ostringstream os;
+  os.precision(12);
+  for (auto& group : optimizer.param_groups()) {
+    auto& o = group.options();
+    if (auto* a = dynamic_cast<const O::AdamOptions*>(&o))
+      os << "adam lr=" << a->lr() << " betas=" << std::get<0>(a->betas()) << ","
+         << std::get<1>(a->betas()) << " eps=" << a->eps() << " wd=" << a->weight_decay()
+         << " amsgrad=" << a->amsgrad();
+    else if (auto* w = dynamic_cast<const O::AdamWOptions*>(&o))
+      os << "adamw lr=" << w->lr() << " betas=" << std::get<0>(w->betas()) << ","
+         << std::get<1>(w->betas()) << " eps=" << w->eps() << " wd=" << w->weight_decay()
+         << " amsgrad=" << w->amsgrad();
+    else if (auto* s = dynamic_cast<const O::SGDOptions*>(&o))
+      os << "sgd lr=" << s->lr() << " momentum=" << s->momentum() << " dampening=" << s->dampening()
+         << " wd=" << s->weight_decay() << " nesterov=" << s->nesterov();
+    else if (auto* r = dynamic_cast<const O::RMSpropOptions*>(&o))
+      os << "rmsprop lr=" << r->lr() << " alpha=" << r->alpha() << " eps=" << r->eps()
+         << " wd=" << r->weight_decay() << " momentum=" << r->momentum() << " centered=" << r->centered();
+    else if (auto* g = dynamic_cast<const O::AdagradOptions*>(&o))
+      os << "adagrad lr=" << g->lr() << " lr_decay=" << g->lr_decay() << " wd=" << g->weight_decay()
+         << " init=" << g->initial_accumulator_value() << " eps=" << g->eps();
+    os << "; ";
+  }
+  return os.str();
+}
+
+/// Net with two param groups (fc1; fc2 and fc3 with their own weight decay) and a StepLR
+/// stepping every optimizer step (halving the rate every 2 steps).
+class GroupedNet : public Net {
+ public:
+  using Net::Net;
+
+  Optimizers configure_optimizers() override {
+    std::vector<at::Tensor> first, rest;
+    for (auto& item : named_parameters())
+      (item.key().rfind("fc1.", 0) == 0 ? first : rest).push_back(item.value());
+    if (optimizer == "adam")
+      return grouped<O::Adam>(first, rest, O::AdamOptions(1e-2), O::AdamOptions(1e-2).weight_decay(1e-3));
+    if (optimizer == "adamw")
+      return grouped<O::AdamW>(first, rest, O::AdamWOptions(1e-2).weight_decay(0.1),
+                               O::AdamWOptions(1e-2).weight_decay(1e-2));
+    if (optimizer == "rmsprop")
+      return grouped<O::RMSprop>(first, rest, O::RMSpropOptions(1e-2).momentum(0.5),
+                                 O::RMSpropOptions(1e-2).weight_decay(1e-3));
+    if (optimizer == "adagrad")
+      return grouped<O::Adagrad>(first, rest, O::AdagradOptions(0.1),
+                                 O::AdagradOptions(0.1).weight_decay(1e-3));
+    return grouped<O::SGD>(first, rest, O::SGDOptions(0.1).momentum(0.9),
+                           O::SGDOptions(0.1).momentum(0.9).weight_decay(1e-3));
+  }
+
+ private:
+  template <class Opt, class Options>
+  static Optimizers grouped(std::vector<at::Tensor> first, std::vector<at::Tensor> rest,
+                            Options defaults, Options second) {
+    std::vector<O::OptimizerParamGroup> groups;
+    groups.emplace_back(std::move(first));
+    groups.emplace_back(std::move(rest), std::make_unique<Options>(second));
+    auto opt = std::make_shared<Opt>(std::move(groups), defaults);
+    return {opt, {std::make_shared<StepLR>(opt, 2, 0.5), Interval::step}};
+  }
+};
+
+/// At step 2, changes options no scheduler owns, as a user's callback may: group 1's
+/// weight decay and one more option of each optimizer type.
+class Retune : public Callback {
+ public:
+  void on_train_batch_end(Trainer& t, LightningModule&, const at::Tensor&, const Batch&,
+                          int64_t) override {
+    if (t.global_step() != 2)
+      return;
+    for (auto& opt : t.optimizers()) {
+      auto& o = opt->param_groups()[1].options();
+      if (auto* a = dynamic_cast<O::AdamOptions*>(&o))
+        a->weight_decay(0.05).betas({0.8, 0.99});
+      else if (auto* w = dynamic_cast<O::AdamWOptions*>(&o))
+        w->weight_decay(0.05).eps(1e-6);
+      else if (auto* s = dynamic_cast<O::SGDOptions*>(&o))
+        s->weight_decay(0.05).momentum(0.5);
+      else if (auto* r = dynamic_cast<O::RMSpropOptions*>(&o))
+        r->weight_decay(0.05).alpha(0.9);
+      else if (auto* g = dynamic_cast<O::AdagradOptions*>(&o))
+        g->weight_decay(0.05).lr_decay(0.01);
+    }
+  }
+};
+
+/// The optimizers' options, the schedulers' step counts and rates, and this rank's
+/// optimizer-state bytes at one moment.
+struct OptimizerSnapshot {
+  std::string options;
+  std::vector<int64_t> scheduler_steps;
+  std::vector<double> lrs;
+  int64_t state_bytes = 0;
+};
+
+OptimizerSnapshot snapshot(Trainer& t) {
+  OptimizerSnapshot s;
+  for (auto& opt : t.optimizers())
+    s.options += describe(*opt);
+  for (auto& sc : t.lr_scheduler_configs()) {
+    s.scheduler_steps.push_back(sc.scheduler->last_epoch());
+    for (auto lr : sc.scheduler->get_last_lr())
+      s.lrs.push_back(lr);
+  }
+  s.state_bytes = t.strategy().memory_stats().optimizer_state_bytes;
+  return s;
+}
+
+/// Takes snapshots when training starts (right after a restore) and after step `step`.
+class Snapshots : public Callback {
+ public:
+  Snapshots(int64_t step, OptimizerSnapshot* at_start, OptimizerSnapshot* at_step)
+    : step_(step), at_start_(at_start), at_step_(at_step) {}
+
+  void on_train_start(Trainer& t, LightningModule&) override {
+    *at_start_ = snapshot(t);
+  }
+
+  void on_train_batch_end(Trainer& t, LightningModule&, const at::Tensor&, const Batch&,
+                          int64_t) override {
+    if (t.global_step() == step_)
+      *at_step_ = snapshot(t);
+  }
+
+ private:
+  int64_t step_;
+  OptimizerSnapshot* at_start_;
+  OptimizerSnapshot* at_step_;
+};
+
+/// Rank 0's view of one GroupedNet run.
+struct GroupedRun {
+  std::shared_ptr<Net> model;
+  OptimizerSnapshot at_start; // right after the restore, when resuming
+  OptimizerSnapshot at_step3; // after the third optimizer step
+};
+
+/// Trains GroupedNet(`optimizer`) on `world` ranks (global batch 12) up to `steps`, with
+/// Retune, resuming from `resume` when given and saving at the end to `save` when given.
+GroupedRun run_grouped(int world, const StrategyMaker& make, const std::string& optimizer,
+                       int64_t steps, const std::string& resume, const std::string& save) {
+  auto data = classification_data(12 * 8);
+  GroupedRun result;
+  std::mutex mtx;
+  auto body = [&](int rank, std::shared_ptr<Communicator> comm) {
+    auto model = with_seed(static_cast<uint64_t>(rank), [&] { return std::make_shared<GroupedNet>(optimizer); });
+    GroupedRun mine;
+    auto o = options_for(steps);
+    o.strategy = make();
+    if (comm)
+      o.plugins = {StaticEnvironment(comm)};
+    o.callbacks = {std::make_shared<Retune>(), std::make_shared<SaveAtEnd>(save, nullptr),
+                   std::make_shared<Snapshots>(3, &mine.at_start, &mine.at_step3)};
+    Trainer trainer(o);
+    trainer.fit(model, data::DataLoader(data, {.batch_size = 12 / world}), std::nullopt, resume);
+    std::lock_guard<std::mutex> guard(mtx);
+    if (rank == 0) {
+      mine.model = model;
+      result = mine;
+    }
+  };
+  if (world == 1)
+    body(0, nullptr);
+  else
+    run_gloo_ranks(world, body);
+  return result;
+}
+
+StrategyOption single_device() {
+  return "single_device";
+}
+
+/// Checks that `resumed` came back with `reference`'s optimizer options and schedulers
+/// (as they were after step 3) and ended at its weights.
+void check_resumed_like(const GroupedRun& resumed, const GroupedRun& reference) {
+  CHECK(resumed.at_start.options == reference.at_step3.options);
+  CHECK(resumed.at_start.scheduler_steps == reference.at_step3.scheduler_steps);
+  REQUIRE(resumed.at_start.lrs.size() == reference.at_step3.lrs.size());
+  for (size_t i = 0; i < resumed.at_start.lrs.size(); ++i)
+    CHECK(resumed.at_start.lrs[i] == Approx(reference.at_step3.lrs[i]));
+  CHECK(test::max_param_diff(*resumed.model, *reference.model) < 2e-5);
+}
+
+std::vector<Variant> sharded_targets() {
+  return {{"zero_stage_1", [] { return ZeroStrategy(zero(1)); }},
+          {"zero_stage_2", [] { return ZeroStrategy(zero(2)); }},
+          {"fsdp", [] { return FSDPStrategy(); }}};
+}
+
+} // namespace
+
+TEST_CASE("A sharded checkpoint restores every param-group option and the scheduler, onto any world size, DDP or one process", "[sharded][checkpoint][optimizer]") {
+  for (std::string optimizer : {"adam", "sgd", "rmsprop"}) {
+    auto straight = run_grouped(1, single_device, optimizer, 6, "", "");
+    // The run changed options on its way (the scheduler's lr, Retune's options), so a
+    // fresh optimizer does not have them: the checkpoint must bring them back.
+    REQUIRE(straight.at_step3.options != straight.at_start.options);
+    REQUIRE(straight.at_step3.options.find("wd=0.05") != std::string::npos);
+    for (auto& v : sharded_targets()) {
+      test::TempDir dir;
+      auto saved = dir / "ckpt";
+      run_grouped(2, v.make, optimizer, 3, "", saved);
+      REQUIRE(Checkpoint::from_directory(saved).has_file(kOptimizerOptionsFile));
+      for (auto& [world, target] : std::vector<std::pair<int, Variant>>{
+             {2, v}, {3, v}, {2, {"ddp", ddp}}, {1, {"single_device", single_device}}}) {
+        CAPTURE(optimizer, v.name, world, target.name);
+        check_resumed_like(run_grouped(world, target.make, optimizer, 6, saved, ""), straight);
+      }
+    }
+  }
+}
+
+TEST_CASE("A DDP checkpoint resumed under ZeRO-1, ZeRO-2 or FSDP on 2 and 3 ranks restores the optimizer state, sharded, and continues like an uninterrupted DDP run", "[sharded][checkpoint][optimizer]") {
+  for (std::string optimizer : {"adam", "sgd"}) {
+    auto straight = run_grouped(2, ddp, optimizer, 6, "", "");
+    test::TempDir dir;
+    auto saved = dir / "ddp";
+    auto first = run_grouped(2, ddp, optimizer, 3, "", saved);
+    // The checkpoint holds per-parameter state (Adam's moments, SGD's momentum buffers),
+    // read back by param group and index.
+    auto checkpoint = Checkpoint::from_directory(saved);
+    REQUIRE_FALSE(is_sharded(checkpoint));
+    auto like = GroupedNet(optimizer).configure_optimizers().optimizers;
+    auto state = read_saved_optimizers(read_file(checkpoint.file("optimizer.pt")), like, saved);
+    REQUIRE(state.size() == 1);
+    REQUIRE(state[0].groups.size() == 2);
+    CHECK(state[0].groups[0].state.size() == 2); // fc1.weight, fc1.bias
+    CHECK(state[0].groups[1].state.size() == 4);
+    for (auto& group : state[0].groups)
+      for (auto& param : group.state)
+        CHECK(param.count(optimizer == "adam" ? "exp_avg" : "momentum_buffer"));
+    auto full_bytes = first.at_step3.state_bytes;
+    for (auto& v : sharded_targets()) {
+      for (int world : {2, 3}) {
+        CAPTURE(optimizer, v.name, world);
+        auto resumed = run_grouped(world, v.make, optimizer, 6, saved, "");
+        check_resumed_like(resumed, straight);
+        // Each rank holds only its shard of the restored state (1/world, plus padding).
+        CHECK(resumed.at_start.state_bytes > 0);
+        CHECK(resumed.at_start.state_bytes <= full_bytes / world + 1024);
+      }
+    }
+  }
+}
+
+TEST_CASE("A DDP checkpoint restores the optimizer's options in DDP and in one process too", "[checkpoint][optimizer]") {
+  auto straight = run_grouped(2, ddp, "adamw", 6, "", "");
+  test::TempDir dir;
+  run_grouped(2, ddp, "adamw", 3, "", dir / "ddp");
+  for (auto& [world, target] : std::vector<std::pair<int, Variant>>{
+         {2, {"ddp", ddp}}, {1, {"single_device", single_device}}}) {
+    CAPTURE(world, target.name);
+    check_resumed_like(run_grouped(world, target.make, "adamw", 6, dir / "ddp", ""), straight);
+  }
+}
+
+TEST_CASE("ZeRO and FSDP step every optimizer they accept (Adam, AdamW, SGD, RMSprop, Adagrad) like DDP", "[sharded][optimizer]") {
+  for (std::string optimizer : {"adam", "adamw", "sgd", "rmsprop", "adagrad"}) {
+    for (int world : {2, 3}) {
+      auto reference = train_on(world, ddp, optimizer, 6, 5);
+      auto start = with_seed(0, [&] { return std::make_shared<Net>(optimizer); });
+      REQUIRE(test::max_param_diff(*reference, *start) > 1e-3); // the optimizer moved the weights
+      for (auto& v : sharded_variants()) {
+        CAPTURE(optimizer, world, v.name);
+        CHECK(test::max_param_diff(*train_on(world, v.make, optimizer, 6, 5), *reference) < 2e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("An Adagrad run under ZeRO-2 and FSDP resumes from its sharded checkpoint like an uninterrupted one", "[sharded][optimizer][checkpoint]") {
+  auto straight = run_grouped(1, single_device, "adagrad", 6, "", "");
+  for (auto& v : sharded_targets()) {
+    CAPTURE(v.name);
+    test::TempDir dir;
+    run_grouped(2, v.make, "adagrad", 3, "", dir / "ckpt");
+    check_resumed_like(run_grouped(3, v.make, "adagrad", 6, dir / "ckpt", ""), straight);
+  }
+}
+
+namespace {
+
+/// Rank 0's module after `world` ranks ran: optionally a validate(), then a fit of 3 steps,
+/// then (in a second Trainer) another fit of 3 steps, all with the strategy `make` gives:
+/// one object for everything when `shared`, else a new one per Trainer.
+std::shared_ptr<Net> set_up_twice(int world, const StrategyMaker& make, bool validate_first,
+                                  bool shared) {
+  auto data = classification_data(12 * 8);
+  std::shared_ptr<Net> rank0;
+  std::mutex mtx;
+  run_gloo_ranks(world, [&](int rank, std::shared_ptr<Communicator> comm) {
+    auto model = with_seed(static_cast<uint64_t>(rank), [] { return std::make_shared<Net>("adam"); });
+    auto strategy = make();
+    auto loader = data::DataLoader(data, {.batch_size = 12 / world});
+    for (int fit = 0; fit < 2; ++fit) {
+      auto o = options_for(3);
+      o.strategy = shared ? strategy : make();
+      o.plugins = {StaticEnvironment(comm)};
+      Trainer trainer(o);
+      if (validate_first && fit == 0)
+        trainer.validate(model, loader);
+      trainer.fit(model, loader);
+    }
+    std::lock_guard<std::mutex> guard(mtx);
+    if (rank == 0)
+      rank0 = model;
+  });
+  return rank0;
+}
+
+} // namespace
+
+TEST_CASE("A strategy set up twice works: validate then fit, and two fits in a row, under every strategy", "[sharded][ddp][setup]") {
+  auto reference = set_up_twice(2, ddp, false, false);
+  auto variants = sharded_variants();
+  variants.insert(variants.begin(), Variant{"ddp", ddp});
+  for (auto& v : variants) {
+    for (bool validate_first : {true, false}) {
+      CAPTURE(v.name, validate_first);
+      CHECK(test::max_param_diff(*set_up_twice(2, v.make, validate_first, true), *reference) < 2e-5);
+    }
   }
 }

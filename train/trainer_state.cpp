@@ -8,10 +8,10 @@
 
 #include "checkpoint/checkpoint.hpp"
 #include "checkpoint/files.hpp"
+#include "checkpoint/optimizer_archive.hpp"
 #include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
 #include "core/metrics_json.hpp"
-#include "strategies/flat_shard.hpp"
 #include "train/trainer_impl.hpp"
 
 namespace caftrain {
@@ -20,27 +20,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
-
-std::vector<char> archive_bytes(torch::serialize::OutputArchive& archive) {
-  std::vector<char> bytes;
-  archive.save_to([&](const void* data, size_t size) {
-    auto* p = static_cast<const char*>(data);
-    bytes.insert(bytes.end(), p, p + size);
-    return size;
-  });
-  return bytes;
-}
-
-std::vector<char> optimizer_bytes(const Trainer::Impl& s) {
-  torch::serialize::OutputArchive archive;
-  archive.write("count", torch::tensor(static_cast<int64_t>(s.optimizers.size())), true);
-  for (size_t i = 0; i < s.optimizers.size(); ++i) {
-    torch::serialize::OutputArchive nested;
-    s.optimizers[i]->save(nested);
-    archive.write("optimizer_" + std::to_string(i), nested);
-  }
-  return archive_bytes(archive);
-}
 
 void load_optimizers(Trainer::Impl& s, const std::vector<char>& bytes, const std::string& origin) {
   try {
@@ -126,7 +105,7 @@ std::map<std::string, std::vector<char>> checkpoint_files(Trainer& trainer) {
     if (s.environment->global_rank() != 0)
       return files;
     files["model.pt"] = serialize_state_dict(s.strategy->model_state_dict());
-    files["optimizer.pt"] = optimizer_bytes(s);
+    files["optimizer.pt"] = optimizers_bytes(s.optimizers);
   }
   auto state = trainer_state(trainer).dump(2);
   files["trainer_state.json"] = std::vector<char>(state.begin(), state.end());
@@ -173,29 +152,35 @@ void write_checkpoint(Trainer& trainer, const std::string& path) {
 
 namespace {
 
-/// Gives each parameter of the (unsharded) optimizers its consolidated state, so that a
-/// sharded checkpoint resumes on one process or under DDP with its optimizer state.
-void load_consolidated_optimizers(Trainer::Impl& s, const ConsolidatedState& state, const std::string& path) {
+/// The consolidated optimizer state of a sharded checkpoint (by parameter name), indexed
+/// like the optimizers' param groups as configure_optimizers built them.
+std::vector<SavedOptimizer> saved_by_index(const Trainer::Impl& s, const ConsolidatedState& state) {
   std::map<const c10::TensorImpl*, std::string> names;
   for (auto& item : s.module->named_parameters())
     names[item.value().unsafeGetTensorImpl()] = item.key();
+  std::vector<SavedOptimizer> result;
   for (auto& opt : s.optimizers) {
-    for (auto& group : opt->param_groups())
+    SavedOptimizer saved;
+    for (auto& group : opt->param_groups()) {
+      SavedOptimizer::Group g;
       for (auto& p : group.params()) {
         auto name = names.find(p.unsafeGetTensorImpl());
-        if (name == names.end())
-          continue;
-        auto it = state.optimizer.find(name->second);
-        if (it == state.optimizer.end())
-          continue; // saved before this parameter's first step
-        try {
-          set_optimizer_state(*opt, p, it->second);
-        } catch (const Error& e) {
-          throw Error(Errc::invalid_config, "checkpoint '" + path + "' is sharded and holds "
-                                              "element-wise optimizer state: " + e.what());
-        }
+        auto it = name == names.end() ? state.optimizer.end() : state.optimizer.find(name->second);
+        g.state.push_back(it == state.optimizer.end() ? std::map<std::string, at::Tensor>{}
+                                                      : it->second);
       }
+      saved.groups.push_back(std::move(g));
+    }
+    result.push_back(std::move(saved));
   }
+  return result;
+}
+
+/// Restores every optimizer's param-group options (lr, weight_decay, ...) from `saved`.
+void restore_all_options(Trainer::Impl& s, const std::vector<SavedOptimizer>& saved,
+                         const std::string& origin) {
+  for (size_t i = 0; i < s.optimizers.size() && i < saved.size(); ++i)
+    restore_options(*s.optimizers[i], saved[i], origin);
 }
 
 } // namespace
@@ -207,20 +192,34 @@ void restore_checkpoint(Trainer& trainer, const std::string& path) {
   auto& strategy = *s.strategy;
   if (is_sharded(ckpt)) {
     if (strategy.sharded_checkpoints()) {
-      strategy.load_sharded(ckpt); // parameters and optimizer state, resharded as needed
+      strategy.load_sharded(ckpt); // parameters, optimizer state and options, resharded
     } else {
       auto state = consolidate(ckpt);
       strategy.load_model_state_dict(state.model);
-      load_consolidated_optimizers(s, state, path);
+      try {
+        strategy.load_optimizer_state(saved_by_index(s, state));
+      } catch (const Error& e) {
+        throw Error(Errc::invalid_config, "checkpoint '" + path + "' is sharded and holds "
+                                            "element-wise optimizer state: " + e.what());
+      }
+      if (ckpt.has_file(kOptimizerOptionsFile)) {
+        auto file = ckpt.file(kOptimizerOptionsFile);
+        restore_all_options(s, read_saved_optimizers(read_file(file), s.optimizers, file), file);
+      }
     }
   } else {
     strategy.load_model_state_dict(ckpt.model_state_dict());
     if (ckpt.has_file("optimizer.pt")) {
-      if (strategy.sharded_checkpoints())
-        spdlog::warn("caftrain: '{}' is unsharded; strategy '{}' restores its weights but not its "
-                     "optimizer state", path, strategy.name());
-      else
-        load_optimizers(s, read_file(ckpt.file("optimizer.pt")), path);
+      auto bytes = read_file(ckpt.file("optimizer.pt"));
+      if (strategy.sharded_checkpoints()) {
+        // Unsharded state, indexed by param group and parameter: each rank cuts its shards.
+        auto saved = read_saved_optimizers(bytes, s.optimizers, path);
+        strategy.load_optimizer_state(saved);
+        restore_all_options(s, saved, path);
+      } else {
+        load_optimizers(s, bytes, path); // libtorch's load restores state, not options
+        restore_all_options(s, read_saved_optimizers(bytes, s.optimizers, path), path);
+      }
     }
   }
   if (!ckpt.has_file("trainer_state.json"))
