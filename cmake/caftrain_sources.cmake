@@ -56,4 +56,8 @@ set(CAFTRAIN_SOURCES
   actors/torch_trainer.cpp
   actors/trainer_actor.cpp
   actors/worker.cpp
+  # tune: search spaces, searchers and trial schedulers (no torch, no CAF)
+  tune/domain.cpp
+  tune/param_space.cpp
+  tune/rng.cpp
 )
