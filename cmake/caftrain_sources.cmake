@@ -57,7 +57,13 @@ set(CAFTRAIN_SOURCES
   actors/trainer_actor.cpp
   actors/worker.cpp
   # tune: search spaces, searchers and trial schedulers (no torch, no CAF)
+  tune/basic_variant_generator.cpp
+  tune/concurrency_limiter.cpp
   tune/domain.cpp
+  tune/mode.cpp
   tune/param_space.cpp
+  tune/parzen_estimator.cpp
   tune/rng.cpp
+  tune/searcher.cpp
+  tune/tpe_search.cpp
 )

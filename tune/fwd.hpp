@@ -1,0 +1,21 @@
+// Forward declarations and the trial id of caftrain's Tune layer.
+#pragma once
+
+#include <string>
+
+namespace caftrain::tune {
+
+/// A trial's id, unique within an experiment (Ray's `trial.trial_id`), e.g. "a1b2c_00003".
+using TrialId = std::string;
+
+class BasicVariantGenerator;
+class ConcurrencyLimiter;
+class Domain;
+class Param;
+class ParamSpace;
+class Rng;
+class Searcher;
+class TPESearch;
+class TrialScheduler;
+
+} // namespace caftrain::tune
