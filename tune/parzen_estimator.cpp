@@ -225,7 +225,7 @@ double ParzenEstimator::log_pdf(double x) const {
       p = std::log(mass((a - mu) / sigma, (b - mu) / sigma));
     } else {
       double u = (dim_.transform(x) - mu) / sigma;
-      p = -0.5 * u * u - std::log(sigma) - 0.5 * std::log(2 * M_PI);
+      p = -0.5 * u * u - std::log(sigma) - 0.5 * std::log(2 * 3.14159265358979323846);
     }
     terms[k] = std::log(weights_[k]) + p - std::log(z_mass);
   }
