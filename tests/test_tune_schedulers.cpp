@@ -403,6 +403,11 @@ TEST_CASE("PBT's explore shifts list values, multiplies numbers and resamples",
     REQUIRE(b >= 16);
     REQUIRE(b < 256);
   }
+  // A function resamples by being called, and is perturbed like a domain otherwise.
+  std::map<std::string, Mutation> fn = {{"wd", Mutation{[] { return ConfigValue{0.5}; }}}};
+  CHECK(explore(Config{{"wd", 0.1}}, fn, 1, {1.2, 0.8}, rng).get<double>("wd") == 0.5);
+  auto wd = explore(Config{{"wd", 0.1}}, fn, 0, {2.0}, rng).get<double>("wd");
+  CHECK(wd == Approx(0.2));
   CHECK_THAT(error_of([&] { explore(Config{{"batch", "big"}}, number, 0, {1.2}, rng); }),
              Catch::Contains("only numbers can be multiplied"));
 }

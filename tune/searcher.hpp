@@ -45,6 +45,7 @@ class Searcher {
  public:
   // -- constructors -----------------------------------------------------------------
 
+  /// Destroys the searcher.
   virtual ~Searcher();
 
   // -- protocol ---------------------------------------------------------------------

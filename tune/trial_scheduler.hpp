@@ -111,6 +111,7 @@ class TrialScheduler {
 
   // -- constructors -----------------------------------------------------------------
 
+  /// Destroys the scheduler.
   virtual ~TrialScheduler();
 
   // -- protocol ---------------------------------------------------------------------
