@@ -62,4 +62,20 @@ set(CAFTRAIN_SOURCES
   actors/torch_trainer.cpp
   actors/trainer_actor.cpp
   actors/worker.cpp
+  # tune: search spaces, searchers and trial schedulers (no torch, no CAF)
+  tune/async_hyperband_scheduler.cpp
+  tune/basic_variant_generator.cpp
+  tune/concurrency_limiter.cpp
+  tune/domain.cpp
+  tune/fifo_scheduler.cpp
+  tune/hyperband_scheduler.cpp
+  tune/median_stopping_rule.cpp
+  tune/mode.cpp
+  tune/param_space.cpp
+  tune/parzen_estimator.cpp
+  tune/population_based_training.cpp
+  tune/rng.cpp
+  tune/searcher.cpp
+  tune/tpe_search.cpp
+  tune/trial_scheduler.cpp
 )
