@@ -226,7 +226,7 @@ using Strings = std::vector<std::string>;
 
 } // namespace
 
-TEST_CASE("A failure that is not retried ends the run in errored, never restarting; a retried one goes restarting then running", "[fault]") {
+TEST_CASE("A failure that is not retried ends the run in errored, never restarting, and a retried one goes restarting then running", "[fault]") {
   test::TempDir dir;
   System s;
   auto fn = [] {

@@ -201,7 +201,7 @@ TEST_CASE("get_best_checkpoint never picks a NaN score, and has nothing to pick 
   CHECK_FALSE(all_nan.get_best_checkpoint("acc", "max"));
 }
 
-TEST_CASE("A checkpoint reported with checkpoint_dir_name lands under that name; a taken name fails the run and keeps the first", "[results]") {
+TEST_CASE("A checkpoint reported with checkpoint_dir_name lands under that name, and a taken name fails the run and keeps the first", "[results]") {
   test::TempDir dir;
   System s;
   auto fn = [&](const Config&) {

@@ -1,6 +1,8 @@
 // Search algorithms: random/grid variants, TPE, and the concurrency limiter.
 #include <catch2/catch.hpp>
 
+#include <ostream>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -12,6 +14,14 @@
 #include "tune/concurrency_limiter.hpp"
 #include "tune/parzen_estimator.hpp"
 #include "tune/tpe_search.hpp"
+
+namespace caftrain {
+// Catch prints compared vectors of configs through glog's vector printer, which the
+// precompiled header brings in and which needs this.
+inline std::ostream& operator<<(std::ostream& os, const Config& config) {
+  return os << config.to_string();
+}
+} // namespace caftrain
 
 using namespace caftrain;
 using namespace caftrain::tune;

@@ -1,6 +1,8 @@
 // Search spaces: Ray Tune's domains, their bounds, nested spaces and sample_from.
 #include <catch2/catch.hpp>
 
+#include <ostream>
+
 #include <cmath>
 #include <map>
 #include <set>
@@ -9,6 +11,14 @@
 #include "tune/domain.hpp"
 #include "tune/param_space.hpp"
 #include "tune/rng.hpp"
+
+namespace caftrain {
+// Catch prints compared vectors of configs through glog's vector printer, which the
+// precompiled header brings in and which needs this.
+inline std::ostream& operator<<(std::ostream& os, const Config& config) {
+  return os << config.to_string();
+}
+} // namespace caftrain
 
 using namespace caftrain;
 using namespace caftrain::tune;
@@ -59,7 +69,7 @@ TEST_CASE("randint excludes its upper bound and qrandint includes it", "[tune][s
   CHECK(q[int64_t{3}] == Approx(0.25).margin(0.03));
 }
 
-TEST_CASE("qrandint rounds a draw from [lower, upper) to the nearest multiple, half to even",
+TEST_CASE("qrandint rounds a draw between lower and upper to the nearest multiple, half to even",
           "[tune][search_space]") {
   // qrandint(0, 10, 5) draws 0..9 uniformly and rounds x/5 half to even (np.round):
   // 0,1,2 -> 0 (2/5 = 0.4); 3..7 -> 5 (7/5 = 1.4); 8,9 -> 10. Shares 0.3, 0.5, 0.2.
