@@ -4,7 +4,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <limits>
 #include <map>
 
 #include <nlohmann/json.hpp>
@@ -12,6 +11,7 @@
 
 #include "checkpoint/files.hpp"
 #include "core/error.hpp"
+#include "core/metrics_json.hpp"
 
 namespace caftrain {
 
@@ -24,48 +24,14 @@ double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-// -- metrics ------------------------------------------------------------------------------
-// JSON has no NaN or infinity: they are written as the strings "nan", "inf" and "-inf"
-// (null, which older files hold for them, reads back as NaN).
-
-json metrics_json(const Metrics& metrics) {
-  json j = json::object();
-  for (auto& [key, value] : metrics) {
-    if (std::isfinite(value))
-      j[key] = value;
-    else
-      j[key] = std::isnan(value) ? "nan" : value > 0 ? "inf" : "-inf";
-  }
-  return j;
-}
-
-Metrics metrics_of(const json& j) {
-  Metrics m;
-  if (!j.is_object())
-    return m;
-  for (auto& [key, v] : j.items()) {
-    if (v.is_number()) {
-      m[key] = v.get<double>();
-    } else if (v.is_null()) {
-      m[key] = std::numeric_limits<double>::quiet_NaN();
-    } else if (v.is_string()) {
-      auto s = v.get<std::string>();
-      m[key] = s == "inf"    ? std::numeric_limits<double>::infinity()
-               : s == "-inf" ? -std::numeric_limits<double>::infinity()
-                             : std::numeric_limits<double>::quiet_NaN();
-    }
-  }
-  return m;
-}
-
 // -- records ------------------------------------------------------------------------------
 
 json record_json(const ReportRecord& rec) {
   json all = json::array();
   for (auto& m : rec.all_metrics)
-    all.push_back(metrics_json(m));
+    all.push_back(metrics_to_json(m));
   return {{"index", rec.index},         {"attempt", rec.attempt},
-          {"metrics", metrics_json(rec.metrics)}, {"all_metrics", all},
+          {"metrics", metrics_to_json(rec.metrics)}, {"all_metrics", all},
           {"checkpoint", rec.checkpoint_path},    {"timestamp", rec.timestamp}};
 }
 
@@ -74,9 +40,9 @@ ReportRecord record_of(const json& j, const std::string& run) {
   rec.run = run;
   rec.index = j.value("index", int64_t{-1});
   rec.attempt = j.value("attempt", int64_t{0});
-  rec.metrics = metrics_of(j.value("metrics", json::object()));
+  rec.metrics = metrics_from_json(j.value("metrics", json::object()));
   for (auto& m : j.value("all_metrics", json::array()))
-    rec.all_metrics.push_back(metrics_of(m));
+    rec.all_metrics.push_back(metrics_from_json(m));
   rec.checkpoint_path = j.value("checkpoint", "");
   rec.timestamp = j.value("timestamp", 0.0);
   return rec;
@@ -108,7 +74,7 @@ json run_json(const std::string& name, const TorchTrainerOptions& o) {
     {"num_to_keep", keep ? json(*keep) : json(nullptr)},
     {"checkpoint_score_attribute", o.run.checkpoint.checkpoint_score_attribute},
     {"checkpoint_score_order", o.run.checkpoint.checkpoint_score_order},
-    {"stop", metrics_json(o.run.stop)},
+    {"stop", metrics_to_json(o.run.stop)},
     {"resume_from_checkpoint", o.resume_from_checkpoint},
   };
 }
@@ -172,7 +138,7 @@ StoredRun read_run_file(const std::string& dir) {
     o.run.checkpoint.checkpoint_score_attribute =
       j.at("checkpoint_score_attribute").get<std::string>();
     o.run.checkpoint.checkpoint_score_order = j.at("checkpoint_score_order").get<std::string>();
-    o.run.stop = metrics_of(j.value("stop", json::object()));
+    o.run.stop = metrics_from_json(j.value("stop", json::object()));
     o.resume_from_checkpoint = j.value("resume_from_checkpoint", "");
   } catch (const json::exception& e) {
     throw Error(Errc::corrupt_checkpoint, "the run file '" + path + "' is not valid (" + e.what() +
@@ -212,6 +178,8 @@ std::vector<ReportRecord> read_history(const std::string& dir, const std::string
         by_index[rec.index] = std::move(rec);
     } catch (const json::exception&) {
       // a line of the wrong shape: skipped like a cut one
+    } catch (const Error&) {
+      // a metric that is no number: skipped likewise
     }
   }
   std::vector<ReportRecord> result;
@@ -224,7 +192,7 @@ void write_result_file(const Result& r) {
   json history = json::array();
   for (auto& rec : r.metrics_history)
     history.push_back(record_json(rec));
-  json j = {{"metrics", metrics_json(r.metrics)},
+  json j = {{"metrics", metrics_to_json(r.metrics)},
             {"history", history},
             {"checkpoint", r.checkpoint ? r.checkpoint->path() : ""},
             {"attempts", r.attempts},
