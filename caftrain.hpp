@@ -2,6 +2,8 @@
 #pragma once
 
 #include "actors/messages.hpp"
+#include "actors/pool_actor.hpp"
+#include "actors/resource_pool.hpp"
 #include "actors/result.hpp"
 #include "actors/run_config.hpp"
 #include "actors/torch_trainer.hpp"
@@ -46,3 +48,4 @@
 #include "train/session.hpp"
 #include "train/trainer_state.hpp"
 #include "train/trainer.hpp"
+#include "tune/all.hpp"

@@ -116,8 +116,8 @@ typename Inspector::result_type inspect(Inspector& f, ReportRecord& x) {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, RunStatus& x) {
-  return f(caf::meta::type_name("RunStatus"), x.state, x.states, x.attempt, x.failures,
-           x.reports, x.latest, x.path);
+  return f(caf::meta::type_name("RunStatus"), x.state, x.states, x.waiting_reason, x.attempt,
+           x.failures, x.reports, x.latest, x.path);
 }
 
 template <class Inspector>

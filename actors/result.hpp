@@ -99,7 +99,7 @@ struct Result {
 /// A snapshot of a run for `status` queries and `RunCallback::on_state`.
 struct RunStatus {
   /// Where the run stands (Ray Train's run states):
-  ///  - "pending": not started yet;
+  ///  - "pending": not started yet (waiting for resources when `waiting_reason` says so);
   ///  - "running": an attempt trains;
   ///  - "stopping": the attempt's workers are being stopped (after a failure, a cancel or
   ///    the stop criteria), before the run decides what follows;
@@ -112,6 +112,9 @@ struct RunStatus {
   std::string state = "pending";
   /// Every state the run has been in, in order ("pending" first); the last is `state`.
   std::vector<std::string> states = {"pending"};
+  /// While pending: why the resource pool cannot place the workers yet, naming what
+  /// holds the resources; "" otherwise.
+  std::string waiting_reason;
   /// The current attempt (0-based).
   int64_t attempt = 0;
   /// Failures so far.

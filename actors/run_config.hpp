@@ -4,11 +4,13 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "actors/resource_pool.hpp"
 #include "core/config.hpp"
 
 namespace caftrain {
@@ -27,6 +29,9 @@ struct Resources {
   double cpus = 0;
   /// GPUs (0 or 1 per worker). Default 0.
   double gpus = 0;
+  /// Custom resources by name (e.g. {"memory_gb", 4}), matched against the pool's nodes.
+  /// Default none.
+  std::map<std::string, double> custom = {};
 };
 
 /// How many workers a run has and what each needs (Ray's ScalingConfig).
@@ -39,6 +44,18 @@ struct ScalingConfig {
   Resources resources_per_worker = {};
   /// Resources reserved for the trainer actor itself. Default none.
   Resources trainer_resources = {};
+  /// How the workers' bundles are spread over the pool's nodes: "PACK" (default, Ray's),
+  /// "SPREAD", "STRICT_PACK" or "STRICT_SPREAD" (see PlacementStrategy).
+  std::string placement_strategy = "PACK";
+
+  /// One bundle per worker, as the run asks the resource pool for them: CPU is
+  /// resources_per_worker.cpus, or when 0 one CPU (Ray's default) and, when the run has
+  /// more workers than this machine has cores, an even share of them; GPU is 1 per worker
+  /// with use_gpu; custom resources as given; trainer_resources join the first bundle.
+  std::vector<ResourceSet> worker_bundles() const;
+
+  /// The sum of `worker_bundles()` (Ray's ScalingConfig.total_resources).
+  ResourceSet total_resources() const;
 };
 
 /// When a failed run is restarted (Ray's FailureConfig).

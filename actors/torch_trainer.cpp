@@ -101,6 +101,30 @@ void prepare_run_directory(const RunSpec& spec) {
 
 } // namespace
 
+std::vector<ResourceSet> ScalingConfig::worker_bundles() const {
+  auto n = std::max<int64_t>(num_workers, 1);
+  auto cores = static_cast<double>(std::max(1u, std::thread::hardware_concurrency()));
+  ResourceSet bundle = ResourceSet::from_map(resources_per_worker.custom);
+  bundle.set("CPU", resources_per_worker.cpus > 0 ? resources_per_worker.cpus
+                                                  : std::min(1.0, cores / static_cast<double>(n)));
+  if (use_gpu)
+    bundle.set("GPU", std::max(resources_per_worker.gpus, 1.0));
+  std::vector<ResourceSet> bundles(static_cast<size_t>(n), bundle);
+  bundles.front() += ResourceSet::from_map(trainer_resources.custom);
+  ResourceSet trainer;
+  trainer.set("CPU", trainer_resources.cpus);
+  trainer.set("GPU", trainer_resources.gpus);
+  bundles.front() += trainer;
+  return bundles;
+}
+
+ResourceSet ScalingConfig::total_resources() const {
+  ResourceSet sum;
+  for (auto& b : worker_bundles())
+    sum += b;
+  return sum;
+}
+
 std::string resolve_backend(const TorchTrainerOptions& o) {
   auto& b = o.torch_config.backend;
   if (b != "auto")
@@ -124,6 +148,13 @@ void validate(const TorchTrainerOptions& o) {
   if (s.num_workers < 1)
     refuse(Errc::invalid_config, "ScalingConfig.num_workers is " + std::to_string(s.num_workers) +
                                    "; a run needs at least 1 worker");
+  try {
+    placement_strategy_from_string(s.placement_strategy);
+    ResourceSet::from_map(s.resources_per_worker.custom);
+    ResourceSet::from_map(s.trainer_resources.custom);
+  } catch (const Error& e) {
+    refuse(Errc::invalid_config, std::string("ScalingConfig: ") + e.what());
+  }
   if (s.resources_per_worker.cpus < 0 || s.resources_per_worker.gpus < 0)
     refuse(Errc::invalid_config, "ScalingConfig.resources_per_worker must not be negative");
   auto cores = static_cast<double>(std::max(1u, std::thread::hardware_concurrency()));
@@ -245,7 +276,19 @@ Result TorchTrainer::fit() {
   Result result;
   self->request(actor_, caf::infinite, fit_atom::value)
     .receive([&](Result& r) { result = std::move(r); },
-             [&](caf::error& err) { result.error = to_run_error(err); });
+             [&](caf::error& err) {
+               // Started with start() and already over: the trainer actor ended with its
+               // run, which left its result on disk.
+               if (err == caf::sec::request_receiver_down) {
+                 try {
+                   result = Result::from_path(spec_->dir);
+                   return;
+                 } catch (const Error&) {
+                   // no result file: report the actor's end as it is
+                 }
+               }
+               result.error = to_run_error(err);
+             });
   join_worker_threads(spec_->name, spec_->options.run.stop_grace);
   result_ = result;
   return result;

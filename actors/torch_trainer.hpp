@@ -61,7 +61,9 @@ class TorchTrainer {
   // -- running ----------------------------------------------------------------------
 
   /// Runs to the end and returns the result (errors are in `Result::error`). The trainer
-  /// actor ends with its run; calling fit again returns the same result.
+  /// actor ends with its run; calling fit again returns the same result, and fit after
+  /// `start()` returns it even when the run ended meanwhile (read back with
+  /// `Result::from_path`).
   Result fit();
 
   /// Starts the run without waiting; returns the trainer actor.

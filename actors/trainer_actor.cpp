@@ -62,6 +62,7 @@ RunStatus status_of(Self self) {
   RunStatus s;
   s.state = st.state;
   s.states = st.states;
+  s.waiting_reason = st.waiting_reason;
   s.attempt = std::max<int64_t>(st.attempt, 0);
   s.failures = st.failures;
   s.reports = static_cast<int64_t>(st.history.size());
@@ -94,6 +95,11 @@ void finish(Self self) {
   set_state(self, !st.error                            ? "finished"
                   : st.error->code == Errc::cancelled ? "aborted"
                                                       : "errored");
+  if (st.placement) {
+    // Before anyone learns the run ended: a run started next is placed after this.
+    self->send(st.pool, pool_release_atom::value, st.placement->id);
+    st.placement.reset();
+  }
   auto r = build_result(self);
   st.result = r;
   write_result_file(r);
@@ -500,9 +506,20 @@ void serve_get(Self self, const std::string& key, int64_t timeout_ms, caf::respo
   self->delayed_send(self, std::chrono::milliseconds(timeout_ms), store_expire_atom::value, key);
 }
 
+/// The pool granted the run's bundles: the first attempt starts.
+void placed(Self self, Placement& placement) {
+  auto& st = self->state;
+  st.placing = false;
+  st.waiting_reason.clear();
+  st.placement = std::move(placement);
+  remove_result_file(st.spec->dir); // a resumed run has not ended (yet)
+  st.persister = self->spawn<caf::detached + caf::monitored>(persister_actor);
+  launch_attempt(self, st.first_attempt);
+}
+
 void start(Self self) {
   auto& st = self->state;
-  if (st.attempt >= 0)
+  if (st.attempt >= 0 || st.placing)
     return;
   std::error_code ec;
   fs::create_directories(st.spec->dir, ec);
@@ -511,9 +528,35 @@ void start(Self self) {
     st.attempt = 0;
     return finish(self);
   }
-  remove_result_file(st.spec->dir); // a resumed run has not ended (yet)
-  st.persister = self->spawn<caf::detached + caf::monitored>(persister_actor);
-  launch_attempt(self, st.first_attempt);
+  // Every job of the actor system places its workers through one pool: a run that does
+  // not fit beside the others waits ("pending", with the reason), one that can never fit
+  // ends with the pool's explanation.
+  auto& scaling = st.spec->options.scaling;
+  PlacementRequest request{st.spec->name, scaling.worker_bundles(),
+                           placement_strategy_from_string(scaling.placement_strategy)};
+  st.pool = local_pool(self->system());
+  st.placing = true;
+  self->request(st.pool, caf::infinite, pool_request_atom::value, std::move(request))
+    .then([=](Placement& p) { placed(self, p); },
+          [=](caf::error& err) {
+            auto& st = self->state;
+            st.placing = false;
+            st.error = to_run_error(err, -1, 0);
+            st.attempt = 0;
+            finish(self);
+          });
+  // Asked after the request, so the pool answers with its decision made.
+  self->request(st.pool, caf::infinite, pool_reason_atom::value, st.spec->name)
+    .then([=](std::string& why) {
+      auto& st = self->state;
+      if (!st.placing || why.empty())
+        return;
+      st.waiting_reason = why;
+      spdlog::info("caftrain: run {} is pending: {}", st.spec->name, why);
+    },
+    [](caf::error&) {
+      // no reason to show; the placement itself still answers
+    });
 }
 
 } // namespace

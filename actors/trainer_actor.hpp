@@ -14,6 +14,7 @@
 #include <caf/stateful_actor.hpp>
 
 #include "actors/messages.hpp"
+#include "actors/pool_actor.hpp"
 #include "actors/worker.hpp"
 #include "checkpoint/checkpoint_manager.hpp"
 
@@ -51,6 +52,15 @@ struct TrainerState {
   /// The failure that is stopping the attempt (the most telling one seen).
   std::optional<RunError> cause;
   AfterStop after_stop = AfterStop::finish;
+  // -- resources --
+  /// The resource pool the workers are placed through (local_pool of the system).
+  caf::actor pool;
+  /// True while the pool has not granted the run's bundles yet.
+  bool placing = false;
+  /// Why the pool makes the run wait ("" when it does not).
+  std::string waiting_reason;
+  /// The granted bundles; released when the run ends.
+  std::optional<Placement> placement;
   // -- rendezvous store --
   std::map<std::string, std::vector<char>> store;
   std::map<std::string, std::vector<caf::response_promise>> waiting;

@@ -459,3 +459,21 @@ TEST_CASE("train::get_checkpoint right after a report with a checkpoint returns 
   }
   CHECK(result.checkpoint->path() == persisted);
 }
+
+TEST_CASE("fit after start returns the run's result even when the run ended meanwhile", "[torch_trainer]") {
+  System s;
+  test::TempDir dir;
+  TorchTrainer trainer(s.sys, [] { train::report({{"loss", 0.5}}); }, options_in(dir, 1));
+  trainer.start();
+  auto result_file = std::filesystem::path(trainer.path()) / "result.json";
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!std::filesystem::exists(result_file) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  REQUIRE(std::filesystem::exists(result_file));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100)); // the trainer actor is gone
+  auto result = trainer.fit();
+  INFO((result.error ? result.error->message : std::string("no error")));
+  CHECK(result.ok());
+  CHECK(result.metrics.at("loss") == 0.5);
+  REQUIRE(result.metrics_history.size() == 1);
+}
