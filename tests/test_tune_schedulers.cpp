@@ -2,8 +2,6 @@
 // Ray Tune's schedulers worked out by hand.
 #include <catch2/catch.hpp>
 
-#include <ostream>
-
 #include <cmath>
 #include <map>
 
@@ -14,13 +12,7 @@
 #include "tune/median_stopping_rule.hpp"
 #include "tune/population_based_training.hpp"
 
-namespace caftrain::tune {
-// Catch prints compared (kind, trial) pairs through glog's pair printer, which the
-// precompiled header brings in and which needs this.
-inline std::ostream& operator<<(std::ostream& os, TrialCommand::Kind kind) {
-  return os << static_cast<int>(kind);
-}
-} // namespace caftrain::tune
+#include "tune_printers.hpp"
 
 using namespace caftrain;
 using namespace caftrain::tune;

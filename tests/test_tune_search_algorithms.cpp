@@ -1,8 +1,6 @@
 // Search algorithms: random/grid variants, TPE, and the concurrency limiter.
 #include <catch2/catch.hpp>
 
-#include <ostream>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -15,13 +13,7 @@
 #include "tune/parzen_estimator.hpp"
 #include "tune/tpe_search.hpp"
 
-namespace caftrain {
-// Catch prints compared vectors of configs through glog's vector printer, which the
-// precompiled header brings in and which needs this.
-inline std::ostream& operator<<(std::ostream& os, const Config& config) {
-  return os << config.to_string();
-}
-} // namespace caftrain
+#include "tune_printers.hpp"
 
 using namespace caftrain;
 using namespace caftrain::tune;

@@ -1,8 +1,6 @@
 // Search spaces: Ray Tune's domains, their bounds, nested spaces and sample_from.
 #include <catch2/catch.hpp>
 
-#include <ostream>
-
 #include <cmath>
 #include <map>
 #include <set>
@@ -12,13 +10,7 @@
 #include "tune/param_space.hpp"
 #include "tune/rng.hpp"
 
-namespace caftrain {
-// Catch prints compared vectors of configs through glog's vector printer, which the
-// precompiled header brings in and which needs this.
-inline std::ostream& operator<<(std::ostream& os, const Config& config) {
-  return os << config.to_string();
-}
-} // namespace caftrain
+#include "tune_printers.hpp"
 
 using namespace caftrain;
 using namespace caftrain::tune;
