@@ -22,6 +22,15 @@ TempDir::~TempDir() {
   fs::remove_all(path_, ec);
 }
 
+TrainerOptions quiet_options(const TempDir& dir) {
+  TrainerOptions o;
+  o.enable_progress_bar = false;
+  o.num_sanity_val_steps = 0;
+  o.logger = false;
+  o.default_root_dir = dir.path();
+  return o;
+}
+
 std::shared_ptr<data::TensorDataset> regression_data(int64_t n, int64_t features, uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   auto x = torch::randn({n, features}, gen);

@@ -37,6 +37,10 @@ class TempDir {
   std::string path_;
 };
 
+/// Trainer options for quiet tests: no progress bar, no sanity check, no logger, root
+/// under `dir`.
+TrainerOptions quiet_options(const TempDir& dir);
+
 /// Regression data y = x·w + b + noise: `n` examples of `features` inputs, seeded.
 std::shared_ptr<data::TensorDataset> regression_data(int64_t n, int64_t features = 4,
                                                      uint64_t seed = 0);

@@ -44,15 +44,6 @@ class Net : public LightningModule {
   torch::nn::BatchNorm1d bn{nullptr};
 };
 
-TrainerOptions quiet(const test::TempDir& dir) {
-  TrainerOptions o;
-  o.enable_progress_bar = false;
-  o.num_sanity_val_steps = 0;
-  o.logger = false;
-  o.default_root_dir = dir.path();
-  return o;
-}
-
 /// Commits a small checkpoint with `metrics` under `dir/name`.
 Checkpoint make_checkpoint(const std::string& dir, const std::string& name, Metrics metrics,
                            int64_t index = 0) {
@@ -102,7 +93,7 @@ TEST_CASE("Every part of a checkpoint round-trips: weights, buffers, optimizer, 
   };
   auto saver = std::make_shared<Saver>();
   saver->path = dir / "ckpt";
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 2;
   o.callbacks = {stopper, saver};
   auto first = with_seed(1, [] { return std::make_shared<Net>(); });
@@ -139,7 +130,7 @@ TEST_CASE("Every part of a checkpoint round-trips: weights, buffers, optimizer, 
   CHECK(restored_stopper->best_score() == Approx(stopper->best_score()));
   CHECK(restored_stopper->wait_count() == stopper->wait_count());
   SECTION("and the RNG continues where it was") {
-    auto o2 = quiet(dir);
+    auto o2 = test::quiet_options(dir);
     o2.max_epochs = 2;
     struct Draw : Callback {
       at::Tensor value;
@@ -160,7 +151,7 @@ TEST_CASE("Python's torch.load reads a checkpoint's model.pt", "[checkpoint][pyt
     return;
   }
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 1;
   auto model = std::make_shared<Net>();
   Trainer t(o);
@@ -331,7 +322,7 @@ TEST_CASE("ModelCheckpoint keeps the best k by its monitor and can resume from t
   auto val = data::DataLoader(test::regression_data(16, 4, 5), {.batch_size = 8});
   auto cb = std::make_shared<ModelCheckpoint>(ModelCheckpointOptions{
     .dirpath = dir / "ckpts", .monitor = "val_loss", .mode = "min", .save_top_k = 2, .save_last = true});
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 5;
   o.callbacks = {cb};
   Trainer t(o);
@@ -348,13 +339,13 @@ TEST_CASE("ModelCheckpoint keeps the best k by its monitor and can resume from t
   CHECK(fs::canonical(dir / "ckpts/last") == fs::canonical(cb->last_model_path()));
   CHECK(fs::path(cb->last_model_path()).filename() == "epoch=4-step=40");
   // Resume from the best: the epoch continues after it.
-  auto o2 = quiet(dir);
+  auto o2 = test::quiet_options(dir);
   o2.max_epochs = 6;
   Trainer resumed(o2);
   resumed.fit(std::make_shared<Net>(), data, val, cb->best_model_path());
   CHECK(resumed.current_epoch() == 6);
   SECTION("a monitor that is never logged is an error naming it") {
-    auto o3 = quiet(dir);
+    auto o3 = test::quiet_options(dir);
     o3.max_epochs = 1;
     o3.callbacks = {ModelCheckpoint({.dirpath = dir / "x", .monitor = "val_acc"})};
     CHECK_THROWS_WITH(Trainer(o3).fit(std::make_shared<Net>(), data, val),
@@ -497,7 +488,7 @@ TEST_CASE("ModelCheckpoint never picks a NaN checkpoint as best in a real fit", 
   test::TempDir dir;
   auto data = data::DataLoader(test::regression_data(64), {.batch_size = 8});
   auto val = data::DataLoader(test::regression_data(16, 4, 5), {.batch_size = 8});
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 5;
   SECTION("mixed: the best two are finite, and checkpoints with NaN still open") {
     auto cb = std::make_shared<ModelCheckpoint>(ModelCheckpointOptions{
@@ -526,7 +517,7 @@ TEST_CASE("ModelCheckpoint never picks a NaN checkpoint as best in a real fit", 
     CHECK(cb->best_model_score() == kInf);
     auto resumed = std::make_shared<ModelCheckpoint>(ModelCheckpointOptions{
       .dirpath = dir / "nan", .monitor = "val_loss", .mode = "min", .save_top_k = 1});
-    auto o2 = quiet(dir);
+    auto o2 = test::quiet_options(dir);
     o2.max_epochs = 3;
     o2.callbacks = {resumed};
     Trainer t2(o2);
@@ -541,7 +532,7 @@ TEST_CASE("ModelCheckpoint with save_top_k = 0 keeps only last, or with save_las
   test::TempDir dir;
   auto data = data::DataLoader(test::regression_data(64), {.batch_size = 8});
   auto val = data::DataLoader(test::regression_data(16, 4, 5), {.batch_size = 8});
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 3;
   SECTION("save_last: one checkpoint, the latest, reachable as last") {
     auto cb = std::make_shared<ModelCheckpoint>(
@@ -558,7 +549,7 @@ TEST_CASE("ModelCheckpoint with save_top_k = 0 keeps only last, or with save_las
     CHECK(cb->best_model_path().empty()); // Lightning: no top-k, so no best
     CHECK(cb->best_k_models().empty());
     CHECK_NOTHROW(Checkpoint::open(cb->last_model_path()).validate());
-    auto o2 = quiet(dir);
+    auto o2 = test::quiet_options(dir);
     o2.max_epochs = 4;
     Trainer resumed(o2);
     resumed.fit(std::make_shared<Net>(), data, val, (dir / "last_only/last"));

@@ -16,15 +16,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-TrainerOptions quiet(const test::TempDir& dir) {
-  TrainerOptions o;
-  o.enable_progress_bar = false;
-  o.num_sanity_val_steps = 0;
-  o.logger = false;
-  o.default_root_dir = dir.path();
-  return o;
-}
-
 std::shared_ptr<test::LinearModule> linear(double lr = 0.05) {
   return with_seed(1, [&] { return std::make_shared<test::LinearModule>(4, lr); });
 }
@@ -66,7 +57,7 @@ nlohmann::json trainer_state_of(const std::string& path) {
 
 TEST_CASE("A checkpoint saved at the end of a fit resumes at the next epoch: after 2 epochs, max_epochs = 3 trains exactly the third", "[trainer][checkpoint]") {
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 3;
   auto uninterrupted = linear();
   Trainer(o).fit(uninterrupted, four_batches());
@@ -98,7 +89,7 @@ TEST_CASE("A checkpoint saved at the end of a fit resumes at the next epoch: aft
   CHECK(Checkpoint::open(path).metadata().epoch == 2);
 
   auto counter = std::make_shared<test::CountingCallback>();
-  auto o3 = quiet(dir);
+  auto o3 = test::quiet_options(dir);
   o3.max_epochs = 3;
   o3.callbacks = {counter};
   // Other initial weights: everything must come from the checkpoint.
@@ -118,7 +109,7 @@ TEST_CASE("A checkpoint saved at the end of a fit resumes at the next epoch: aft
 TEST_CASE("should_stop before min_steps is deferred: limit_train_batches 3, min_steps 10 ends at step 10 in the fourth epoch", "[trainer]") {
   test::TempDir dir;
   auto counter = std::make_shared<test::CountingCallback>();
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.min_steps = 10;
   o.limit_train_batches = 3;
   o.callbacks = {std::make_shared<StopAlways>(), counter};
@@ -133,7 +124,7 @@ TEST_CASE("should_stop before min_steps is deferred: limit_train_batches 3, min_
 
 TEST_CASE("EarlyStopping before min_epochs is deferred until min_epochs epochs are done", "[trainer][callbacks]") {
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 50;
   // lr = 0: the loss never improves after the first check, so patience 1 stops at epoch 1.
   auto stopper = std::make_shared<EarlyStopping>(EarlyStoppingOptions{.monitor = "val_loss", .patience = 1});
@@ -154,7 +145,7 @@ TEST_CASE("EarlyStopping before min_epochs is deferred until min_epochs epochs a
 
 TEST_CASE("min_epochs and min_steps must both be reached, and max_epochs and max_steps still win", "[trainer]") {
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.callbacks = {std::make_shared<StopAlways>()};
   SECTION("min_steps reached last: stops mid-epoch at min_steps") {
     o.min_epochs = 2;
@@ -198,7 +189,7 @@ TEST_CASE("Negative min_epochs or min_steps is refused, naming it", "[trainer]")
 TEST_CASE("With check_val_every_n_epoch unset an integer val_check_interval counts training batches across epochs", "[trainer]") {
   test::TempDir dir;
   auto recorder = std::make_shared<ValidationSteps>();
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 3;
   o.val_check_interval = 3;
   o.check_val_every_n_epoch = std::nullopt;
@@ -213,7 +204,7 @@ TEST_CASE("With check_val_every_n_epoch unset an integer val_check_interval coun
 
 TEST_CASE("An integer val_check_interval larger than an epoch, while validation is per epoch, is an error naming both numbers and the fix", "[trainer]") {
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 2;
   o.val_check_interval = 5;
   CHECK_THROWS_WITH(Trainer(o).fit(linear(), four_batches(), val_data()),
@@ -253,7 +244,7 @@ class EpochEndLogger : public test::LinearModule {
 
 TEST_CASE("A value logged only in on_validation_epoch_end reaches callback_metrics and EarlyStopping", "[trainer][callbacks]") {
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 50;
   auto stopper = std::make_shared<EarlyStopping>(EarlyStoppingOptions{.monitor = "val_mse", .patience = 2});
   o.callbacks = {stopper};
@@ -264,14 +255,14 @@ TEST_CASE("A value logged only in on_validation_epoch_end reaches callback_metri
   CHECK_THAT(stopper->reason(), Contains("val_mse"));
   REQUIRE(t.callback_metrics().count("val_mse") == 1);
   CHECK(stopper->best_score() == Approx(t.callback_metrics().at("val_mse")));
-  auto validated = Trainer(quiet(dir)).validate(m, val_data());
+  auto validated = Trainer(test::quiet_options(dir)).validate(m, val_data());
   REQUIRE(validated.size() == 1);
   CHECK(validated[0].at("val_mse") == Approx(t.callback_metrics().at("val_mse")));
 }
 
 TEST_CASE("A value logged in on_train_epoch_end reaches ModelCheckpoint's monitor", "[trainer][callbacks][checkpoint]") {
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 5;
   auto cb = std::make_shared<ModelCheckpoint>(ModelCheckpointOptions{
     .dirpath = dir / "ckpts", .monitor = "epoch_score", .mode = "min", .save_top_k = 1});
@@ -318,7 +309,7 @@ TEST_CASE("log with on_step in an epoch-end hook is refused, naming the key", "[
     }
   };
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 1;
   CHECK_THROWS_WITH(Trainer(o).fit(std::make_shared<StepAtEpochEnd>(), four_batches()),
                     Contains("log('bad')") && Contains("on_step"));
@@ -336,7 +327,7 @@ TEST_CASE("A fit whose logged metric becomes NaN writes checkpoints that reopen,
     }
   };
   test::TempDir dir;
-  auto o = quiet(dir);
+  auto o = test::quiet_options(dir);
   o.max_epochs = 2;
   // Early stopping state holds the best values seen: 1.0 for ratio, +inf for spread.
   auto on_epoch_end = [](std::string monitor, std::string mode) {
@@ -361,7 +352,7 @@ TEST_CASE("A fit whose logged metric becomes NaN writes checkpoints that reopen,
   CHECK_THAT(saver->best_model_path(), Contains("epoch=0"));
   CHECK(saver->best_k_models().size() == 2);
 
-  auto o2 = quiet(dir);
+  auto o2 = test::quiet_options(dir);
   o2.max_epochs = 3;
   auto ratio = on_epoch_end("ratio", "min");
   auto spread = on_epoch_end("spread", "max");

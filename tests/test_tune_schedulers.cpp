@@ -12,10 +12,11 @@
 #include "tune/median_stopping_rule.hpp"
 #include "tune/population_based_training.hpp"
 
-#include "tune_printers.hpp"
+#include "tune_test_util.hpp"
 
 using namespace caftrain;
 using namespace caftrain::tune;
+using test::error_of;
 
 namespace {
 
@@ -36,17 +37,6 @@ std::vector<std::pair<K, TrialId>> kinds(const std::vector<TrialCommand>& cmds) 
   for (auto& c : cmds)
     out.emplace_back(c.kind, c.trial);
   return out;
-}
-
-std::string error_of(const std::function<void()>& f, Errc code = Errc::invalid_config) {
-  try {
-    f();
-  } catch (const Error& e) {
-    CHECK(e.code() == code);
-    return e.what();
-  }
-  FAIL("no error");
-  return "";
 }
 
 } // namespace

@@ -13,10 +13,11 @@
 #include "tune/parzen_estimator.hpp"
 #include "tune/tpe_search.hpp"
 
-#include "tune_printers.hpp"
+#include "tune_test_util.hpp"
 
 using namespace caftrain;
 using namespace caftrain::tune;
+using test::error_of;
 
 namespace {
 
@@ -24,17 +25,6 @@ Config next_config(Searcher& s, const std::string& id) {
   auto suggestion = s.suggest(id);
   REQUIRE(suggestion.status == Suggestion::Status::ready);
   return suggestion.config;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    CHECK(e.code() == Errc::invalid_config);
-    return e.what();
-  }
-  FAIL("no error");
-  return "";
 }
 
 // A synthetic objective over every kind of dimension, 0 at its optimum

@@ -10,10 +10,11 @@
 #include "tune/param_space.hpp"
 #include "tune/rng.hpp"
 
-#include "tune_printers.hpp"
+#include "tune_test_util.hpp"
 
 using namespace caftrain;
 using namespace caftrain::tune;
+using test::error_of;
 
 namespace {
 
@@ -24,17 +25,6 @@ std::map<ConfigValue, double> shares(const Domain& d, int n, uint64_t seed = 1) 
   for (int i = 0; i < n; ++i)
     out[d.sample(rng)] += 1.0 / n;
   return out;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    CHECK(e.code() == Errc::invalid_config);
-    return e.what();
-  }
-  FAIL("no error");
-  return "";
 }
 
 } // namespace
