@@ -142,7 +142,7 @@ T* typed(const at::Tensor& tensor) {
 /// meanwhile. gloo writes to its sockets with writev, which raises SIGPIPE when the peer
 /// has reset the connection, and SIGPIPE kills the process by default. Blocked in the
 /// threads that write (gloo's network thread and our communication thread, both started
-/// in `create`), the write fails with EPIPE and the collective with an error instead,
+/// in `create`, and a caller that runs a collective inline in `Work::wait`), the write fails with EPIPE and the collective with an error instead,
 /// and the process's signal disposition stays the caller's.
 class SigpipeBlocked {
  public:
@@ -401,7 +401,12 @@ struct GlooCommunicator::State {
       queue.pop_front();
       running = work;
     }
-    execute(*work);
+    {
+      // The caller's thread writes to gloo's sockets now: a peer's reset must fail the
+      // collective (EPIPE), not kill the process with SIGPIPE.
+      SigpipeBlocked blocked;
+      execute(*work);
+    }
     {
       std::lock_guard<std::mutex> guard(mtx);
       running.reset();
