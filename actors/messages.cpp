@@ -3,6 +3,7 @@
 #include <caf/all.hpp>
 
 #include "actors/pool_actor.hpp"
+#include "tune/tuner_actor.hpp"
 
 namespace caftrain {
 
@@ -14,7 +15,9 @@ constexpr caf::atom_value kErrorCategory = caf::atom("caftrain");
 } // namespace
 
 void init(caf::actor_system_config& cfg) {
+  // The one place that knows every layer's messages: the pool's, the trainer's, Tune's.
   add_pool_message_types(cfg);
+  tune::add_message_types(cfg);
   cfg.add_message_type<FileDigest>("caftrain::FileDigest");
   cfg.add_message_type<CheckpointMetadata>("caftrain::CheckpointMetadata");
   cfg.add_message_type<Checkpoint>("caftrain::Checkpoint");

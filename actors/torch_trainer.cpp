@@ -13,6 +13,7 @@
 #include <torch/cuda.h>
 
 #include "actors/messages.hpp"
+#include "actors/placed_run.hpp"
 #include "actors/run_files.hpp"
 #include "actors/trainer_actor.hpp"
 #include "actors/worker.hpp"
@@ -201,9 +202,10 @@ TorchTrainer::TorchTrainer(caf::actor_system& system, std::shared_ptr<RunSpec> s
   actor_ = system.spawn(trainer_actor, spec_);
 }
 
-TorchTrainer::TorchTrainer(caf::actor_system& system, TrainFunc train_func,
-                           TorchTrainerOptions options)
-  : system_(&system) {
+namespace {
+
+/// The checked and prepared spec of a new (or resumed-by-name) run.
+std::shared_ptr<RunSpec> make_run_spec(TrainFunc train_func, TorchTrainerOptions options) {
   if (!train_func)
     refuse(Errc::invalid_config, "train_func is empty");
   validate(options);
@@ -216,8 +218,27 @@ TorchTrainer::TorchTrainer(caf::actor_system& system, TrainFunc train_func,
   spec->options = std::move(options);
   prepare_run_directory(*spec);
   write_run_file(spec->dir, spec->name, spec->options);
-  spec_ = std::move(spec);
+  return spec;
+}
+
+} // namespace
+
+TorchTrainer::TorchTrainer(caf::actor_system& system, TrainFunc train_func,
+                           TorchTrainerOptions options)
+  : system_(&system), spec_(make_run_spec(std::move(train_func), std::move(options))) {
   actor_ = system.spawn(trainer_actor, spec_);
+}
+
+PlacedRun spawn_placed_run(caf::actor_system& system, TrainFunc train_func,
+                           TorchTrainerOptions options, Placement placement) {
+  auto spec = make_run_spec(std::move(train_func), std::move(options));
+  if (placement.bundles.size() != static_cast<size_t>(spec->options.scaling.num_workers))
+    refuse(Errc::invalid_argument, "the placement holds " + std::to_string(placement.bundles.size()) +
+                                     " bundles for " +
+                                     std::to_string(spec->options.scaling.num_workers) + " workers");
+  spec->placement = std::move(placement);
+  spec->prefer_initial_checkpoint = !spec->options.resume_from_checkpoint.empty();
+  return PlacedRun{system.spawn(trainer_actor, spec), spec->name, spec->dir};
 }
 
 TorchTrainer::TorchTrainer(caf::actor_system& system, std::function<void()> train_func,

@@ -95,11 +95,12 @@ void finish(Self self) {
   set_state(self, !st.error                            ? "finished"
                   : st.error->code == Errc::cancelled ? "aborted"
                                                       : "errored");
-  if (st.placement) {
-    // Before anyone learns the run ended: a run started next is placed after this.
+  if (st.placement && !st.spec->placement) {
+    // Before anyone learns the run ended: a run started next is placed after this. A
+    // placement the caller made (a Tuner's trial) is the caller's to release.
     self->send(st.pool, pool_release_atom::value, st.placement->id);
-    st.placement.reset();
   }
+  st.placement.reset();
   auto r = build_result(self);
   st.result = r;
   write_result_file(r);
@@ -138,13 +139,19 @@ void launch_attempt(Self self, int64_t attempt) {
   st.running.clear();
   st.succeeded.clear();
   st.workers.clear();
-  // Start from the latest good checkpoint (a corrupt one is skipped), else the initial one.
+  // Start from the latest good checkpoint (a corrupt one is skipped), else the initial
+  // one. A run told to prefer the initial one (a PBT trial exploiting another's
+  // checkpoint) starts from that until it has checkpointed anew.
   std::optional<Checkpoint> start = st.manager->latest_valid();
-  if (!start)
+  if (st.initial_checkpoint &&
+      (!start || (st.spec->prefer_initial_checkpoint && start->path() == st.adopted_latest)))
     start = st.initial_checkpoint;
+  // Reports go on after the checkpoint's own report of this run; from another run's
+  // checkpoint, after the history the run had when this actor started (fresh: from 0).
   int64_t first_index = 0;
-  if (start && start->committed() && start->metadata().run == st.spec->name)
-    first_index = start->metadata().report_index + 1;
+  if (start && start->committed())
+    first_index = start->metadata().run == st.spec->name ? start->metadata().report_index + 1
+                                                         : st.adopted_reports;
   // Reports the failed attempt made after that checkpoint are redone by this one.
   while (!st.history.empty() && st.history.back().index >= first_index)
     st.history.pop_back();
@@ -154,6 +161,10 @@ void launch_attempt(Self self, int64_t attempt) {
   auto threads = scaling.resources_per_worker.cpus > 0
                    ? static_cast<int64_t>(scaling.resources_per_worker.cpus)
                    : std::max<int64_t>(1, cores / n);
+  // Bundles placed by a caller that runs several jobs at once (a Tuner's trials): each
+  // worker uses the CPUs of its bundle, as Ray sets OMP_NUM_THREADS for a trial.
+  if (st.spec->placement && scaling.resources_per_worker.cpus <= 0 && !st.placement->bundles.empty())
+    threads = std::max<int64_t>(1, static_cast<int64_t>(st.placement->bundles.front().get("CPU")));
   std::vector<std::shared_ptr<LocalCommunicator>> local;
   if (n > 1 && resolve_backend(st.spec->options) == "local")
     local = LocalCommunicator::create_group(static_cast<int>(n), run_config(self).collective_timeout);
@@ -531,10 +542,14 @@ void start(Self self) {
   // Every job of the actor system places its workers through one pool: a run that does
   // not fit beside the others waits ("pending", with the reason), one that can never fit
   // ends with the pool's explanation.
+  st.pool = local_pool(self->system());
+  if (st.spec->placement) {
+    auto given = *st.spec->placement;
+    return placed(self, given);
+  }
   auto& scaling = st.spec->options.scaling;
   PlacementRequest request{st.spec->name, scaling.worker_bundles(),
                            placement_strategy_from_string(scaling.placement_strategy)};
-  st.pool = local_pool(self->system());
   st.placing = true;
   self->request(st.pool, caf::infinite, pool_request_atom::value, std::move(request))
     .then([=](Placement& p) { placed(self, p); },
@@ -573,7 +588,10 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
   for (auto& c : find_checkpoints(st.spec->dir, st.spec->name))
     existing.emplace_back(c, c.metadata().metrics);
   st.manager->adopt(existing);
+  if (auto latest = st.manager->latest_valid())
+    st.adopted_latest = latest->path();
   st.history = read_history(st.spec->dir, st.spec->name);
+  st.adopted_reports = st.history.empty() ? 0 : st.history.back().index + 1;
   // Attempts keep counting: past the last that reported, and those of an ended run.
   for (auto& rec : st.history)
     st.first_attempt = std::max(st.first_attempt, rec.attempt + 1);

@@ -70,6 +70,10 @@ struct TrainerState {
   std::vector<ReportRecord> history;
   std::unique_ptr<CheckpointManager> manager;
   std::optional<Checkpoint> initial_checkpoint;
+  /// The latest checkpoint the run directory held when the actor started ("" if none).
+  std::string adopted_latest;
+  /// Reports the run directory's history held then (where a foreign checkpoint resumes).
+  int64_t adopted_reports = 0;
   caf::actor persister;
   // -- callers --
   std::vector<caf::actor> subscribers;

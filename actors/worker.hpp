@@ -26,6 +26,14 @@ struct RunSpec {
   /// Resolved run name and directory.
   std::string name;
   std::string dir;
+  /// Bundles placed by the caller (a Tuner's trial, placed through the same pool): the
+  /// trainer actor starts on them instead of asking the pool, and leaves releasing them
+  /// to the caller. Unset (default): the trainer asks the system's pool and releases.
+  std::optional<Placement> placement;
+  /// The run resumes (by name) from `options.resume_from_checkpoint` rather than from its
+  /// own latest checkpoint, until it has checkpointed anew: a Tuner's PBT exploit, which
+  /// restarts a trial from another trial's checkpoint. Default false: its own latest wins.
+  bool prefer_initial_checkpoint = false;
 };
 
 /// What a worker actor needs to start its rank.

@@ -44,6 +44,7 @@ set(CAFTRAIN_SOURCES
   callbacks/model_checkpoint.cpp
   callbacks/progress_bar.cpp
   callbacks/report_callback.cpp
+  callbacks/tune_report_callback.cpp
   # train: the Lightning-style loop
   train/lightning_module.cpp
   train/lr_scheduler.cpp
@@ -78,4 +79,10 @@ set(CAFTRAIN_SOURCES
   tune/searcher.cpp
   tune/tpe_search.cpp
   tune/trial_scheduler.cpp
+  # tune: the Tuner, its actor, its results and its trial table
+  tune/progress_reporter.cpp
+  tune/result_grid.cpp
+  tune/tensorboard.cpp
+  tune/tuner.cpp
+  tune/tuner_actor.cpp
 )

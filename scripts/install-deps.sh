@@ -15,6 +15,7 @@ packages=(
   libopenblas0-openmp   # libtorch's BLAS; the OpenMP build honours per-thread thread counts
   dataset-fashion-mnist # the real data, /usr/share/datasets/fashion-mnist
   python3-torch python3-torchvision  # the Python anchor and the torch.load interop tests
+  python3-protobuf      # the independent reader of TensorBoard event files in the tests
 )
 
 missing=()
