@@ -1,10 +1,13 @@
 #include "actors/run_files.hpp"
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <random>
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
@@ -91,6 +94,21 @@ std::string expand_home(const std::string& path) {
     return std::string(home ? home : "/tmp") + path.substr(1);
   }
   return path;
+}
+
+std::string storage_root(const std::string& storage_path) {
+  return expand_home(storage_path.empty() ? std::string("~/caftrain_results") : storage_path);
+}
+
+std::string timestamped_name(const std::string& prefix) {
+  auto t = std::time(nullptr);
+  std::tm tm{};
+  localtime_r(&t, &tm);
+  char when[64];
+  std::strftime(when, sizeof(when), "_%Y-%m-%d_%H-%M-%S", &tm);
+  char suffix[8];
+  std::snprintf(suffix, sizeof(suffix), "_%04x", std::random_device{}() & 0xffff);
+  return prefix + when + suffix;
 }
 
 void write_run_file(const std::string& dir, const std::string& name,

@@ -30,6 +30,14 @@ struct StoredRun {
 /// `path` with a leading "~" replaced by $HOME.
 std::string expand_home(const std::string& path);
 
+/// Where runs and experiments are kept: `storage_path` with "~" expanded, or
+/// "~/caftrain_results" (Ray's ~/ray_results) when it is empty.
+std::string storage_root(const std::string& storage_path);
+
+/// A default run or experiment name: `prefix` + "_<local date and time>_<4 hex digits>",
+/// e.g. "TorchTrainer_2026-12-02_05-40-12_a3f0".
+std::string timestamped_name(const std::string& prefix);
+
 /// Writes run.json of `dir` (atomically).
 void write_run_file(const std::string& dir, const std::string& name,
                     const TorchTrainerOptions& options);

@@ -31,23 +31,6 @@ namespace {
   throw Error(code, "TorchTrainer: " + what);
 }
 
-std::string default_storage() {
-  const char* home = std::getenv("HOME");
-  return (fs::path(home && *home ? home : "/tmp") / "caftrain_results").string();
-}
-
-std::string default_name() {
-  auto t = std::time(nullptr);
-  std::tm tm{};
-  localtime_r(&t, &tm);
-  char buf[64];
-  std::strftime(buf, sizeof(buf), "TorchTrainer_%Y-%m-%d_%H-%M-%S", &tm);
-  std::random_device rd;
-  char suffix[8];
-  std::snprintf(suffix, sizeof(suffix), "_%04x", rd() & 0xffff);
-  return std::string(buf) + suffix;
-}
-
 /// Joins `items` with "; ".
 std::string joined(const std::vector<std::string>& items) {
   std::string text;
@@ -211,10 +194,8 @@ std::shared_ptr<RunSpec> make_run_spec(TrainFunc train_func, TorchTrainerOptions
   validate(options);
   auto spec = std::make_shared<RunSpec>();
   spec->train_func = std::move(train_func);
-  spec->name = options.run.name.empty() ? default_name() : options.run.name;
-  auto storage = options.run.storage_path.empty() ? default_storage()
-                                                  : expand_home(options.run.storage_path);
-  spec->dir = (fs::path(storage) / spec->name).string();
+  spec->name = options.run.name.empty() ? timestamped_name("TorchTrainer") : options.run.name;
+  spec->dir = (fs::path(storage_root(options.run.storage_path)) / spec->name).string();
   spec->options = std::move(options);
   prepare_run_directory(*spec);
   write_run_file(spec->dir, spec->name, spec->options);

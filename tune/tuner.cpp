@@ -27,22 +27,6 @@ namespace {
   throw Error(Errc::invalid_config, "Tuner: " + what);
 }
 
-std::string default_name() {
-  auto t = std::time(nullptr);
-  std::tm tm{};
-  localtime_r(&t, &tm);
-  char buf[64];
-  std::strftime(buf, sizeof(buf), "Tuner_%Y-%m-%d_%H-%M-%S", &tm);
-  char suffix[8];
-  std::snprintf(suffix, sizeof(suffix), "_%04x", std::random_device{}() & 0xffff);
-  return std::string(buf) + suffix;
-}
-
-std::string default_storage() {
-  const char* home = std::getenv("HOME");
-  return (fs::path(home && *home ? home : "/tmp") / "caftrain_results").string();
-}
-
 } // namespace
 
 struct Tuner::Impl {
@@ -177,11 +161,10 @@ Tuner::Tuner(caf::actor_system& system, TrainFunc trainable, TunerOptions option
   }
   auto spec = std::make_shared<TunerSpec>();
   spec->trainable = std::move(trainable);
-  spec->name = options.run_config.name.empty() ? default_name() : options.run_config.name;
-  auto storage = options.run_config.storage_path.empty()
-                   ? default_storage()
-                   : expand_home(options.run_config.storage_path);
-  spec->dir = fs::absolute(fs::path(storage) / spec->name).lexically_normal().string();
+  spec->name = options.run_config.name.empty() ? timestamped_name("Tuner") : options.run_config.name;
+  spec->dir = fs::absolute(fs::path(storage_root(options.run_config.storage_path)) / spec->name)
+                .lexically_normal()
+                .string();
   std::error_code ec;
   if (restored.empty() && fs::exists(fs::path(spec->dir) / "experiment_state.json", ec))
     refuse("'" + spec->dir + "' holds an experiment already; continue it with Tuner::restore, "
