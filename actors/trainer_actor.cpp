@@ -591,6 +591,20 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
   if (auto latest = st.manager->latest_valid())
     st.adopted_latest = latest->path();
   st.history = read_history(st.spec->dir, st.spec->name);
+  // A checkpoint committed while its attempt was being stopped (a cancel or a failure
+  // between the commit and the record) has no report in the history; its metadata holds
+  // that report, so the resumed run neither loses it nor redoes it.
+  for (auto& [ckpt, metrics] : existing) {
+    auto& md = ckpt.metadata();
+    auto at = std::find_if(st.history.begin(), st.history.end(),
+                           [&](const ReportRecord& r) { return r.index >= md.report_index; });
+    if (md.report_index < 0 || (at != st.history.end() && at->index == md.report_index))
+      continue;
+    ReportRecord rec{st.spec->name, md.report_index, md.attempt, md.metrics, {md.metrics},
+                     ckpt.path(), md.created_at};
+    append_history(st.spec->dir, rec);
+    st.history.insert(at, std::move(rec));
+  }
   st.adopted_reports = st.history.empty() ? 0 : st.history.back().index + 1;
   // Attempts keep counting: past the last that reported, and those of an ended run.
   for (auto& rec : st.history)

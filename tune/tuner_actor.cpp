@@ -330,6 +330,7 @@ void act_on_commands(Self self) {
         st.scheduler->on_trial_remove(t.id);
         break;
       case TrialCommand::Kind::resume:
+        // A trial still stopping stays out of `startable` until its run has ended.
         if (t.status == TrialStatus::PAUSED && !t.held)
           t.status = TrialStatus::PENDING;
         break;
@@ -569,7 +570,9 @@ void on_run_done(Self self, const caf::actor_addr& source, std::optional<Result>
     st.scheduler->on_trial_complete(t.id, t.last);
     end_trial(self, t, TrialStatus::TERMINATED);
   } else if (cancelled && stop == TunerState::Stop::pause) {
-    t.status = TrialStatus::PAUSED;
+    // PAUSED, unless a resume (the scheduler's or a message) came while it stopped.
+    if (t.status != TrialStatus::PENDING)
+      t.status = TrialStatus::PAUSED;
     apply_exploit(self, t);
   } else if (cancelled && (stop == TunerState::Stop::terminate || st.ending)) {
     st.scheduler->on_trial_complete(t.id, t.last);
@@ -886,8 +889,7 @@ caf::behavior tuner_actor(caf::stateful_actor<TunerState>* self, std::shared_ptr
       if (!t || t->status != TrialStatus::PAUSED)
         return false;
       t->held = false;
-      if (!busy(*t))
-        t->status = TrialStatus::PENDING;
+      t->status = TrialStatus::PENDING; // starts once placed (after its run has ended)
       write_state(self);
       wake(self);
       return true;
