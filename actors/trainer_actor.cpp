@@ -1,5 +1,6 @@
 #include "actors/trainer_actor.hpp"
 #include "actors/run_files.hpp"
+#include "actors/subscribers.hpp"
 #include "actors/torch_trainer.hpp"
 
 #include <chrono>
@@ -633,32 +634,21 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
                                      r, st.attempt});
       return;
     }
-    st.subscribers.erase(std::remove_if(st.subscribers.begin(), st.subscribers.end(),
-                                        [&](const caf::actor& a) { return a.address() == dm.source; }),
-                         st.subscribers.end());
+    remove_subscriber(st.subscribers, dm.source);
   });
   return {
     // -- callers --
     [=](fit_atom) {
-      auto rp = self->make_response_promise();
-      if (self->state.result)
-        rp.deliver(*self->state.result);
-      else
-        self->state.fit_promises.push_back(rp);
+      auto rp = promise_result(self, self->state.result, self->state.fit_promises);
       start(self);
       return rp;
     },
     [=](start_atom) { start(self); },
     [=](subscribe_atom, caf::actor& subscriber) {
-      self->monitor(subscriber);
-      if (self->state.result)
-        self->send(subscriber, done_atom::value, *self->state.result);
-      else
-        self->state.subscribers.push_back(std::move(subscriber));
+      add_subscriber(self, std::move(subscriber), self->state.result, self->state.subscribers);
     },
     [=](unsubscribe_atom, const caf::actor& subscriber) {
-      auto& subs = self->state.subscribers;
-      subs.erase(std::remove(subs.begin(), subs.end(), subscriber), subs.end());
+      remove_subscriber(self->state.subscribers, subscriber.address());
     },
     [=](status_atom) { return status_of(self); },
     [=](cancel_atom) {
