@@ -6,7 +6,9 @@
 // and gloo::allreduce on separately rendezvoused gloo contexts with the same algorithm,
 // one operation of each in turn, and prints per size the median algorithm bandwidth
 // (bytes / time) of both and their ratio, then the geometric mean of the ratios. The
-// difference is the cost of our queue and communication thread. Medians of single
+// difference is the cost of our queue, communication thread and the cross-rank signature
+// check (GlooOptions::check_signatures); a third column times ours without the check, and
+// the last its ratio (checked / unchecked), the check's own cost. Medians of single
 // operations, because on a busy machine a few operations wait a scheduler tick (4 ms).
 #include <gloo/allreduce.h>
 #include <gloo/math.h>
@@ -69,12 +71,14 @@ std::vector<std::shared_ptr<gloo::Context>> raw_contexts() {
   return contexts;
 }
 
-std::vector<std::shared_ptr<GlooCommunicator>> our_communicators() {
+std::vector<std::shared_ptr<GlooCommunicator>> our_communicators(bool check_signatures) {
   auto store = std::make_shared<InMemoryStore>();
   std::vector<std::shared_ptr<GlooCommunicator>> comms(kRanks);
   run_ranks([&](int rank) {
+    GlooOptions options{kTimeout};
+    options.check_signatures = check_signatures;
     comms[rank] = GlooCommunicator::create(std::make_shared<PrefixStore>("bench", store), rank,
-                                           kRanks, {kTimeout});
+                                           kRanks, options);
   });
   return comms;
 }
@@ -108,55 +112,62 @@ std::string human(size_t bytes) {
 } // namespace
 
 int main() {
-  auto comms = our_communicators();
+  auto comms = our_communicators(true);
+  auto unchecked = our_communicators(false);
   auto contexts = raw_contexts();
   std::printf("allreduce, %d ranks as threads on loopback, float32, median of single "
               "operations, interleaved\n",
               kRanks);
-  std::printf("%8s  %-9s %5s  %10s  %10s  %8s\n", "size", "algorithm", "reps", "ours GB/s",
-              "raw GB/s", "ours/raw");
-  double log_ratio_sum = 0;
+  std::printf("%8s  %-9s %5s  %10s  %10s  %8s  %14s  %9s\n", "size", "algorithm", "reps",
+              "ours GB/s", "raw GB/s", "ours/raw", "unchecked GB/s", "chk/unchk");
+  double log_ratio_sum = 0, log_check_sum = 0;
   for (auto bytes : kSizes) {
     const size_t count = bytes / sizeof(float);
     const int reps = static_cast<int>(
       std::clamp<size_t>(kBytesPerSize / bytes, kMinRepetitions, kMaxRepetitions));
-    std::vector<double> ours(reps), raw(reps); // seconds per operation on rank 0
+    std::vector<double> ours(reps), raw(reps), plain(reps); // seconds per op on rank 0
     run_ranks([&](int rank) {
       auto tensor = at::zeros({static_cast<int64_t>(count)}, at::kFloat);
       std::vector<float> buffer(count, 0.0f);
       uint32_t tag = 0;
       auto our_op = [&] { comms[rank]->allreduce(tensor)->wait(); };
       auto raw_op = [&] { raw_allreduce(contexts[rank], buffer.data(), count, tag++); };
+      auto plain_op = [&] { unchecked[rank]->allreduce(tensor)->wait(); };
       for (int i = 0; i < kWarmup; ++i) { // first-touch pages, socket buffers, caches
         our_op();
         raw_op();
+        plain_op();
       }
       for (int rep = 0; rep < reps; ++rep) {
-        // Alternate which goes first, so that neither always follows the other.
-        double t_ours = 0, t_raw = 0;
-        if (rep % 2 == 0) {
-          t_ours = seconds_of(our_op);
-          t_raw = seconds_of(raw_op);
-        } else {
-          t_raw = seconds_of(raw_op);
-          t_ours = seconds_of(our_op);
+        // Rotate which goes first, so that none always follows another.
+        double t[3] = {0, 0, 0};
+        std::function<void()> ops[3] = {our_op, raw_op, plain_op};
+        for (int k = 0; k < 3; ++k) {
+          int which = (rep + k) % 3;
+          t[which] = seconds_of(ops[which]);
         }
         if (rank == 0) {
-          ours[rep] = t_ours;
-          raw[rep] = t_raw;
+          ours[rep] = t[0];
+          raw[rep] = t[1];
+          plain[rep] = t[2];
         }
       }
     });
     double ours_gbs = bytes / median(ours) / 1e9;
     double raw_gbs = bytes / median(raw) / 1e9;
+    double plain_gbs = bytes / median(plain) / 1e9;
     double ratio = ours_gbs / raw_gbs;
+    double check = ours_gbs / plain_gbs;
     log_ratio_sum += std::log(ratio);
-    std::printf("%8s  %-9s %5d  %10.3f  %10.3f  %8.3f\n", human(bytes).c_str(),
+    log_check_sum += std::log(check);
+    std::printf("%8s  %-9s %5d  %10.3f  %10.3f  %8.3f  %14.3f  %9.3f\n", human(bytes).c_str(),
                 to_string(gloo_allreduce_algorithm(bytes, kRanks)), reps, ours_gbs, raw_gbs,
-                ratio);
+                ratio, plain_gbs, check);
   }
   std::printf("geometric mean of ours/raw over %zu sizes: %.3f\n", kSizes.size(),
               std::exp(log_ratio_sum / kSizes.size()));
+  std::printf("geometric mean of checked/unchecked (the signature check's cost): %.3f\n",
+              std::exp(log_check_sum / kSizes.size()));
   for (auto& context : contexts)
     context->closeConnections();
   return 0;

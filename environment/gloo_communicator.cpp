@@ -56,6 +56,9 @@ constexpr size_t kBcubeMaxBytes = 4 * 1024 * 1024;
 /// (gloo/types.h); a prefix of our own keeps our point-to-point messages apart from theirs.
 constexpr uint8_t kReduceScatterSlotPrefix = 0x40;
 
+/// Slot prefix of the fingerprints every rank sends its peers before a collective runs.
+constexpr uint8_t kFingerprintSlotPrefix = 0x41;
+
 /// How long the destructor waits for the communication thread to end before it detaches
 /// it: an idle or finishing thread ends within microseconds, while one blocked in gloo
 /// waits out the collective's timeout (closing our own connections does not wake it).
@@ -222,6 +225,45 @@ std::string ms(std::chrono::milliseconds t) {
 
 using Collective = std::function<void(GlooCommunicator::State&, uint32_t tag)>;
 
+/// A collective's identity on one rank, compared across ranks before it runs: gloo
+/// itself cannot survive ranks that pass different sizes (its network thread throws,
+/// which terminates the process).
+struct Signature {
+  int64_t op = 0;      // index into kOperationNames
+  int64_t dtype = -1;  // at::ScalarType, -1 for none
+  int64_t numel = 0;   // the per-rank element count
+  int64_t detail = 0;  // ReduceOp, or the broadcast root
+};
+
+constexpr size_t kFingerprintWords = 4;
+constexpr const char* kOperationNames[] = {"allreduce", "broadcast", "allgather",
+                                           "reduce_scatter", "barrier"};
+
+std::string describe(const Signature& s) {
+  std::string text = kOperationNames[s.op];
+  if (s.dtype >= 0)
+    text += " of " + std::to_string(s.numel) + " " +
+            c10::toString(static_cast<at::ScalarType>(s.dtype)) + " elements";
+  if (s.op == 1)
+    text += " from root " + std::to_string(s.detail);
+  else if (s.op == 0 || s.op == 3)
+    text += std::string(" (") + to_string(static_cast<ReduceOp>(s.detail)) + ")";
+  return text;
+}
+
+Signature signature_of(const char* op, const at::Tensor& tensor, int64_t detail) {
+  Signature s;
+  for (size_t i = 0; i < std::size(kOperationNames); ++i)
+    if (std::strcmp(op, kOperationNames[i]) == 0)
+      s.op = static_cast<int64_t>(i);
+  if (tensor.defined()) {
+    s.dtype = static_cast<int64_t>(tensor.scalar_type());
+    s.numel = tensor.numel();
+  }
+  s.detail = detail;
+  return s;
+}
+
 /// One collective: its closure (which holds its tensors) until it runs, then its outcome.
 class GlooWork : public Work {
  public:
@@ -297,6 +339,12 @@ class GlooWork : public Work {
     inline_ = std::move(fn);
   }
 
+  /// What this rank asked for (`kFingerprintWords` words: operation, dtype, element
+  /// count, reduction or root), and the same from every rank, filled by the exchange.
+  std::vector<int64_t> fingerprints;
+  std::unique_ptr<gloo::transport::UnboundBuffer> fingerprint_send;
+  std::unique_ptr<gloo::transport::UnboundBuffer> fingerprint_recv;
+
  private:
   std::function<void(GlooWork*)> inline_;
   const std::chrono::milliseconds timeout_;
@@ -328,11 +376,13 @@ std::string message_of(std::exception_ptr error) {
 /// Everything the communication thread touches. The thread holds shared ownership, so a
 /// destructor can detach it while gloo still blocks it.
 struct GlooCommunicator::State {
-  State(std::shared_ptr<gloo::Context> context, std::chrono::milliseconds timeout)
+  State(std::shared_ptr<gloo::Context> context, std::chrono::milliseconds timeout,
+        bool check_signatures)
     : context(std::move(context)),
       rank(this->context->rank),
       size(this->context->size),
       timeout(timeout),
+      check_signatures(check_signatures && this->size > 1),
       prefix("gloo rank " + std::to_string(rank) + " of " + std::to_string(size) + ": ") {
     // nop
   }
@@ -341,6 +391,8 @@ struct GlooCommunicator::State {
   const int rank;
   const int size;
   const std::chrono::milliseconds timeout;
+  /// Whether the ranks compare each collective's signature before running it.
+  const bool check_signatures;
   /// "gloo rank 0 of 2: ", the start of every message.
   const std::string prefix;
 
@@ -361,7 +413,7 @@ struct GlooCommunicator::State {
 
   // -- issuing ----------------------------------------------------------------------
 
-  std::shared_ptr<Work> enqueue(const char* op, Collective fn) {
+  std::shared_ptr<Work> enqueue(const char* op, Collective fn, Signature signature = {}) {
     std::shared_ptr<GlooWork> work;
     std::exception_ptr refused;
     {
@@ -373,8 +425,11 @@ struct GlooCommunicator::State {
                                           "again for a new one");
       else if (!failure.empty())
         refused = refusal(*work);
-      else
+      else {
+        if (check_signatures)
+          post_fingerprints(*work, signature);
         queue.push_back(work);
+      }
     }
     if (refused) {
       work->complete(refused);
@@ -412,6 +467,79 @@ struct GlooCommunicator::State {
       running.reset();
     }
     cv.notify_all(); // the communication thread may wait for `running` to clear
+  }
+
+  // -- signatures -------------------------------------------------------------------
+
+  /// Sends this rank's signature of `work` to every peer and posts the receives of
+  /// theirs, when the collective is issued: by the time it runs they have mostly
+  /// arrived, so the check costs the collective little latency. Under `mtx`; gloo's
+  /// sends and receives only queue (asynchronous pairs).
+  void post_fingerprints(GlooWork& work, const Signature& signature) {
+    SigpipeBlocked blocked; // the send may write to a socket on this thread
+    auto& fp = work.fingerprints;
+    fp.assign(kFingerprintWords * static_cast<size_t>(size + 1), 0);
+    int64_t* mine = fp.data() + kFingerprintWords * static_cast<size_t>(size);
+    mine[0] = signature.op;
+    mine[1] = signature.dtype;
+    mine[2] = signature.numel;
+    mine[3] = signature.detail;
+    constexpr size_t bytes = kFingerprintWords * sizeof(int64_t);
+    const auto slot = gloo::Slot::build(kFingerprintSlotPrefix, work.tag);
+    try {
+      work.fingerprint_send = context->createUnboundBuffer(mine, bytes);
+      work.fingerprint_recv = context->createUnboundBuffer(fp.data(), bytes * static_cast<size_t>(size));
+      for (int peer = 0; peer < size; ++peer) {
+        if (peer == rank)
+          continue;
+        work.fingerprint_recv->recv(peer, slot, bytes * static_cast<size_t>(peer), bytes);
+        work.fingerprint_send->send(peer, slot, 0, bytes);
+      }
+    } catch (const std::exception&) {
+      // The connections are gone; the collective fails when it runs, with gloo's reason.
+      work.fingerprint_send.reset();
+      work.fingerprint_recv.reset();
+    }
+  }
+
+  /// Waits for the peers' signatures of `work` and throws `Error(rank_mismatch)` naming
+  /// what each rank asked for when they differ.
+  void verify_fingerprints(GlooWork& work) {
+    if (!work.fingerprint_recv)
+      return;
+    auto fail = [&](const char* what) {
+      throw Error(Errc::collective_aborted, work.name + ": " + what);
+    };
+    for (int peer = 0; peer + 1 < size; ++peer) {
+      if (!work.fingerprint_recv->waitRecv(timeout))
+        fail("the signature exchange was aborted");
+      if (!work.fingerprint_send->waitSend(timeout))
+        fail("the signature exchange was aborted");
+    }
+    auto& fp = work.fingerprints;
+    std::copy(fp.begin() + static_cast<std::ptrdiff_t>(kFingerprintWords * static_cast<size_t>(size)), fp.end(),
+              fp.begin() + static_cast<std::ptrdiff_t>(kFingerprintWords * static_cast<size_t>(rank)));
+    auto at = [&](int r) {
+      const int64_t* w = fp.data() + kFingerprintWords * static_cast<size_t>(r);
+      return Signature{w[0], w[1], w[2], w[3]};
+    };
+    auto same = [](const Signature& a, const Signature& b) {
+      return a.op == b.op && a.dtype == b.dtype && a.numel == b.numel && a.detail == b.detail;
+    };
+    auto reference = at(0);
+    bool mismatch = false;
+    for (int r = 1; r < size; ++r)
+      mismatch = mismatch || !same(at(r), reference);
+    if (!mismatch)
+      return;
+    std::string list;
+    for (int r = 0; r < size; ++r)
+      list += (r ? "; rank " : "rank ") + std::to_string(r) + " issued " + describe(at(r));
+    throw Error(Errc::rank_mismatch,
+                work.name + ": collective #" + std::to_string(work.tag) +
+                  " differs between ranks (" + list +
+                  "); every rank must issue the same collectives, with the same sizes, in the "
+                  "same order");
   }
 
   std::exception_ptr refusal(const GlooWork& work) const {
@@ -457,6 +585,7 @@ struct GlooCommunicator::State {
       }
     }
     try {
+      verify_fingerprints(work);
       fn(*this, work.tag);
       work.complete(nullptr);
     } catch (...) {
@@ -622,9 +751,13 @@ std::shared_ptr<GlooCommunicator> GlooCommunicator::create(std::shared_ptr<Store
                   ": rendezvous failed within " + ms(options.timeout) +
                   " (did every rank start, with the same store prefix?): " + e.what());
   }
-  auto state = std::make_shared<State>(std::move(context), options.timeout);
+  auto state = std::make_shared<State>(std::move(context), options.timeout,
+                                       options.check_signatures);
   state->self = state;
-  state->thread = std::thread([state] { state->run(); });
+  state->thread = std::thread([state] {
+    pthread_setname_np(pthread_self(), "caftrain.gloo");
+    state->run();
+  });
   return std::shared_ptr<GlooCommunicator>(new GlooCommunicator(std::move(state)));
 }
 
@@ -677,7 +810,7 @@ std::shared_ptr<Work> GlooCommunicator::allreduce(at::Tensor tensor, ReduceOp op
     });
     if (op == ReduceOp::avg)
       tensor.div_(s.size);
-  });
+  }, signature_of("allreduce", tensor, static_cast<int64_t>(op)));
 }
 
 std::shared_ptr<Work> GlooCommunicator::broadcast(at::Tensor tensor, int root) {
@@ -698,7 +831,7 @@ std::shared_ptr<Work> GlooCommunicator::broadcast(at::Tensor tensor, int root) {
       opts.setTimeout(s.timeout);
       gloo::broadcast(opts);
     });
-  });
+  }, signature_of("broadcast", tensor, root));
 }
 
 std::shared_ptr<Work> GlooCommunicator::allgather(at::Tensor input, at::Tensor output) {
@@ -722,7 +855,7 @@ std::shared_ptr<Work> GlooCommunicator::allgather(at::Tensor input, at::Tensor o
       opts.setTimeout(s.timeout);
       gloo::allgather(opts);
     });
-  });
+  }, signature_of("allgather", input, 0));
 }
 
 namespace {
@@ -802,7 +935,7 @@ std::shared_ptr<Work> GlooCommunicator::reduce_scatter(at::Tensor input, at::Ten
     });
     if (op == ReduceOp::avg)
       output.div_(s.size);
-  });
+  }, signature_of("reduce_scatter", output, static_cast<int64_t>(op)));
 }
 
 std::shared_ptr<Work> GlooCommunicator::barrier() {
@@ -811,7 +944,7 @@ std::shared_ptr<Work> GlooCommunicator::barrier() {
     opts.setTag(tag);
     opts.setTimeout(s.timeout);
     gloo::barrier(opts);
-  });
+  }, signature_of("barrier", at::Tensor(), 0));
 }
 
 // -- lifetime -------------------------------------------------------------------------

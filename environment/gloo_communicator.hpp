@@ -19,6 +19,12 @@ struct GlooOptions {
   /// Host name or address the TCP transport binds to and advertises to its peers.
   /// Default "127.0.0.1": every rank on this machine.
   std::string hostname = "127.0.0.1";
+  /// Compare every collective's operation, dtype and size across the ranks before it
+  /// runs, and fail it with `Error(rank_mismatch)` naming each rank's request when they
+  /// differ. Without the check such a mismatch terminates the process inside gloo. The
+  /// signatures travel when a collective is issued, so the check costs little latency
+  /// (`bench_allreduce` measures it). Default true.
+  bool check_signatures = true;
 };
 
 /// The allreduce algorithms of gloo that `GlooCommunicator` chooses between.

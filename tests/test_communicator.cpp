@@ -560,3 +560,55 @@ TEST_CASE("a peer closing in the middle of a transfer does not kill the process 
     }
   }
 }
+
+TEST_CASE("ranks that pass different sizes, dtypes or operations get rank_mismatch naming each rank's request, not a crash", "[communicator]") {
+  using Issue = std::function<std::shared_ptr<Work>(GlooCommunicator&, int rank)>;
+  struct Case {
+    const char* name;
+    Issue issue;
+    const char* rank0;
+    const char* rank1;
+  };
+  std::vector<Case> cases = {
+    {"allreduce sizes",
+     [](GlooCommunicator& c, int r) { return c.allreduce(at::ones({r == 0 ? 100 : 200})); },
+     "allreduce of 100 Float elements", "allreduce of 200 Float elements"},
+    {"allreduce dtypes",
+     [](GlooCommunicator& c, int r) {
+       return c.allreduce(at::ones({8}, r == 0 ? at::kFloat : at::kDouble));
+     },
+     "allreduce of 8 Float elements", "allreduce of 8 Double elements"},
+    {"allgather against broadcast",
+     [](GlooCommunicator& c, int r) {
+       return r == 0 ? c.allgather(at::ones({4}), at::empty({8})) : c.broadcast(at::ones({4}));
+     },
+     "allgather of 4", "broadcast of 4"},
+    {"reduce_scatter sizes",
+     [](GlooCommunicator& c, int r) {
+       int64_t n = r == 0 ? 3 : 5;
+       return c.reduce_scatter(at::ones({2 * n}), at::empty({n}));
+     },
+     "reduce_scatter of 3", "reduce_scatter of 5"},
+  };
+  for (auto& c : cases) {
+    CAPTURE(c.name);
+    auto group = make_group(2, {5s});
+    std::vector<Outcome> outcomes(2);
+    run_ranks(2, [&](int rank) { outcomes[rank] = outcome_of(c.issue(*group[rank], rank)); });
+    for (int rank = 0; rank < 2; ++rank) {
+      INFO("rank " << rank << ": " << outcomes[rank].message);
+      CHECK(outcomes[rank].code == Errc::rank_mismatch);
+      CHECK_THAT(outcomes[rank].message,
+                 Contains(std::string("rank 0 issued ") + c.rank0) && Contains("rank 1 issued") &&
+                   Contains(c.rank1) && Contains("same order"));
+    }
+  }
+  // The same collectives with the same sizes still work on a fresh group, back to back.
+  auto group = make_group(2);
+  run_ranks(2, [&](int rank) {
+    auto t = at::full({100}, static_cast<float>(rank + 1));
+    group[rank]->allreduce(t)->wait();
+    if (!at::equal(t, at::full({100}, 3.0f)))
+      throw std::runtime_error("wrong sum");
+  });
+}
