@@ -2,6 +2,7 @@
 //
 //   build/bench/bench_sharded                        # ~53.6M parameters, Adam, 2 workers
 //   build/bench/bench_sharded --hidden 2048 --layers 3 --steps 4 --repeats 1
+//   build/bench/bench_sharded --load                 # also: peak of a sharded load
 //
 // Trains an MLP of 784 -> hidden x layers -> 10 (default 784-4096-4096-4096-4096-10,
 // 53.6M parameters) with Adam on random data, on 2 local workers, once per strategy:
@@ -11,6 +12,11 @@
 // step time, the peak RSS, the bytes the strategy reports for rank 0 (parameters,
 // gradients, optimizer state at rest, peak transient), and each as a ratio of DDP's,
 // measured in the same invocation. Targets: ZeRO step time <= 1.1x DDP's, FSDP <= 1.5x.
+// With --load, each sharded run then saves a sharded checkpoint and loads it into a fresh
+// model and Trainer; it prints the largest saved shard a rank held while loading
+// (ShardedStrategy::last_load_peak_bytes) against rank 0's parameter and optimizer bytes
+// at rest (what a load must restore), as a ratio: consolidating every shard on every
+// rank, as loads did before, holds world-size times that and more.
 #include <torch/torch.h>
 
 #include <unistd.h>
@@ -49,6 +55,7 @@ struct Flags {
   int64_t warmup = 2;
   int64_t repeats = 2;
   std::string backend = "auto";
+  bool load = false;
   std::vector<std::string> strategies = {"ddp", "zero_stage_1", "zero_stage_2", "fsdp"};
   std::string child; // internal: run this strategy and print one RESULT line
 };
@@ -86,6 +93,7 @@ struct Measured {
   std::vector<double> step_ms;
   caftrain::MemoryStats stats;
   int64_t parameters = 0;
+  int64_t load_peak = -1;
 };
 
 Measured& measured() {
@@ -147,6 +155,24 @@ void train_func(const caftrain::Config& c) {
                              .enable_progress_bar = false});
   trainer = caftrain::prepare_trainer(std::move(trainer));
   trainer.fit(model, caftrain::data::DataLoader(data, {.batch_size = batch}));
+  if (!c.get<bool>("load", false) || !dynamic_cast<caftrain::ShardedStrategy*>(&trainer.strategy()))
+    return;
+  // Save (collective), then load into a fresh model and Trainer: the fit restores and
+  // stops at once (max_steps reached).
+  auto path = ctx.run_dir + "/load_probe";
+  trainer.save_checkpoint(path);
+  auto fresh = caftrain::with_seed(1, [&] { return std::make_shared<Wide>(hidden, layers); });
+  caftrain::Trainer loader({.max_steps = warmup + steps,
+                            .strategy = c.get<std::string>("strategy"),
+                            .plugins = {caftrain::ActorEnvironment()},
+                            .logger = false,
+                            .enable_progress_bar = false});
+  loader = caftrain::prepare_trainer(std::move(loader));
+  loader.fit(fresh, caftrain::data::DataLoader(data, {.batch_size = batch}), std::nullopt, path);
+  if (ctx.world_rank == 0) {
+    std::lock_guard<std::mutex> guard(measured().mtx);
+    measured().load_peak = dynamic_cast<caftrain::ShardedStrategy&>(loader.strategy()).last_load_peak_bytes();
+  }
 }
 
 int64_t peak_rss_kib() {
@@ -165,7 +191,8 @@ int run_child(const Flags& f) {
   caf::actor_system sys{cfg};
   caftrain::TorchTrainerOptions o;
   o.train_loop_config = {{"strategy", f.child}, {"hidden", f.hidden}, {"layers", f.layers},
-                         {"batch", f.batch},    {"warmup", f.warmup}, {"steps", f.steps}};
+                         {"batch", f.batch},    {"warmup", f.warmup}, {"steps", f.steps},
+                         {"load", f.load}};
   o.torch_config.backend = f.backend;
   o.scaling.num_workers = f.workers;
   o.scaling.resources_per_worker.cpus = static_cast<double>(f.threads);
@@ -179,17 +206,18 @@ int run_child(const Flags& f) {
   }
   auto& m = measured();
   auto& s = m.stats;
-  std::printf("RESULT %s %.3f %lld %lld %lld %lld %lld %lld\n", f.child.c_str(), median(m.step_ms),
+  std::printf("RESULT %s %.3f %lld %lld %lld %lld %lld %lld %lld\n", f.child.c_str(), median(m.step_ms),
               static_cast<long long>(peak_rss_kib()), static_cast<long long>(s.parameter_bytes),
               static_cast<long long>(s.gradient_bytes),
               static_cast<long long>(s.optimizer_state_bytes),
-              static_cast<long long>(s.peak_transient_bytes), static_cast<long long>(m.parameters));
+              static_cast<long long>(s.peak_transient_bytes), static_cast<long long>(m.parameters),
+              static_cast<long long>(m.load_peak));
   return 0;
 }
 
 struct Row {
   std::vector<double> step_ms, rss_kib;
-  double params = 0, grads = 0, optim = 0, peak = 0;
+  double params = 0, grads = 0, optim = 0, peak = 0, load_peak = -1;
   long long parameters = 0;
 };
 
@@ -199,10 +227,10 @@ void run_parent_child(const std::string& self, const Flags& f, const std::string
   cmd << self << " --child " << strategy << " --workers " << f.workers << " --threads "
       << f.threads << " --batch " << f.batch << " --hidden " << f.hidden << " --layers "
       << f.layers << " --steps " << f.steps << " --warmup " << f.warmup << " --backend "
-      << f.backend << " 2>&1";
+      << f.backend << (f.load ? " --load" : "") << " 2>&1";
   auto out = caftrain::bench::capture(cmd.str());
   std::smatch m;
-  std::regex re("RESULT (\\S+) ([0-9.]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+)");
+  std::regex re("RESULT (\\S+) ([0-9.]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+) ([0-9-]+)");
   if (!std::regex_search(out, m, re))
     throw std::runtime_error(strategy + ": the child printed no result:\n" + out);
   row.step_ms.push_back(std::stod(m[2]));
@@ -212,6 +240,7 @@ void run_parent_child(const std::string& self, const Flags& f, const std::string
   row.optim = std::stod(m[6]);
   row.peak = std::stod(m[7]);
   row.parameters = std::stoll(m[8]);
+  row.load_peak = std::stod(m[9]);
 }
 
 Flags parse(int argc, char** argv) {
@@ -237,6 +266,8 @@ Flags parse(int argc, char** argv) {
       f.repeats = std::stoll(next());
     else if (a == "--backend")
       f.backend = next();
+    else if (a == "--load")
+      f.load = true;
     else if (a == "--strategies") {
       f.strategies.clear();
       std::stringstream ss(next());
@@ -293,6 +324,18 @@ int main(int argc, char** argv) {
                 step / median(ddp.step_ms), rss, rss / (median(ddp.rss_kib) / 1024),
                 row.params / MiB, row.grads / MiB, row.optim / MiB, total / ddp_total,
                 row.peak / MiB);
+  }
+  if (f.load) {
+    std::printf("sharded load, rank 0: %-13s %14s %14s %8s\n", "", "load peak MiB", "at rest MiB",
+                "ratio");
+    for (auto& s : f.strategies) {
+      auto& row = rows[s];
+      if (row.load_peak < 0)
+        continue;
+      double at_rest = row.params + row.optim;
+      std::printf("                      %-13s %14.1f %14.1f %8.3f\n", s.c_str(),
+                  row.load_peak / MiB, at_rest / MiB, row.load_peak / at_rest);
+    }
   }
   std::printf("targets: zero_stage_1/2 step time <= 1.1x ddp's, fsdp <= 1.5x\n");
   return 0;

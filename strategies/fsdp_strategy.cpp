@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <functional>
 #include <set>
+#include <utility>
 
 #include <ATen/record_function.h>
 #include <torch/torch.h>
@@ -49,8 +50,13 @@ std::unique_ptr<at::ObserverContext> observe(const at::RecordFunction& fn) {
   std::vector<size_t> touched;
   for (auto& input : fn.inputs())
     collect(input, *active, touched);
-  if (!touched.empty())
-    active->on_access(touched);
+  if (!touched.empty()) {
+    try {
+      active->on_access(touched);
+    } catch (...) {
+      active->record_failure(std::current_exception());
+    }
+  }
   return nullptr;
 }
 
@@ -147,6 +153,7 @@ FSDPStrategy::partition(const std::vector<std::pair<std::string, at::Tensor>>& p
 
 void FSDPStrategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) {
   ShardedStrategy::setup_optimizers(optimizers);
+  failure_ = nullptr;
   prefetching_.clear();
   forward_order_.clear(); // a new setup records its own forward order
   order_recorded_ = false;
@@ -291,6 +298,37 @@ void FSDPStrategy::after_step(const std::vector<size_t>& flats) {
     }
     free_flat(f); // stale now: gathered again from the new shards at the next use
   }
+}
+
+void FSDPStrategy::record_failure(std::exception_ptr failure) {
+  if (!failure_)
+    failure_ = std::move(failure);
+}
+
+void FSDPStrategy::rethrow_failure() {
+  if (auto failure = std::exchange(failure_, nullptr))
+    std::rethrow_exception(failure);
+}
+
+void FSDPStrategy::backward(const at::Tensor& loss) {
+  rethrow_failure(); // a gather of the forward failed: its outputs are not to be trusted
+  ShardedStrategy::backward(loss);
+  rethrow_failure();
+}
+
+void FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer) {
+  rethrow_failure();
+  ShardedStrategy::optimizer_step(optimizer);
+}
+
+void FSDPStrategy::after_load() {
+  Internal guard;
+  if (options_.sharding_strategy == ShardingStrategy::NO_SHARD) {
+    for (auto& flat : flats_)
+      flat->gather(nullptr); // world 1: copy the loaded shard into the parameters
+    return;
+  }
+  free_all(); // whatever was gathered is stale: gathered again from the shards at use
 }
 
 StateDict FSDPStrategy::model_state_dict() {

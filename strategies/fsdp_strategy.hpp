@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <list>
 #include <map>
 #include <memory>
@@ -73,6 +74,8 @@ class FSDPStrategy : public ShardedStrategy {
   void teardown() override;
   StateDict model_state_dict() override;
   void load_model_state_dict(const StateDict& state, bool strict = true) override;
+  void backward(const at::Tensor& loss) override;
+  void optimizer_step(torch::optim::Optimizer& optimizer) override;
 
   const FSDPOptions& options() const noexcept {
     return options_;
@@ -91,6 +94,10 @@ class FSDPStrategy : public ShardedStrategy {
   /// Internal: the observer saw an operator read flats `touched`.
   void on_access(const std::vector<size_t>& touched);
 
+  /// Internal: a gather the observer started failed. libtorch only logs what an observer
+  /// throws, so the failure is kept and rethrown by the next backward or optimizer step.
+  void record_failure(std::exception_ptr failure);
+
   /// Internal: the flat whose full buffer is `storage`, or -1.
   int64_t flat_of(const c10::StorageImpl* storage) const;
 
@@ -105,6 +112,7 @@ class FSDPStrategy : public ShardedStrategy {
   }
   void ensure_gathered(size_t flat) override;
   void after_step(const std::vector<size_t>& flats) override;
+  void after_load() override;
 
  private:
   void assign_units(torch::nn::Module& module);
@@ -123,6 +131,8 @@ class FSDPStrategy : public ShardedStrategy {
   int64_t gathers_ = 0;
   uint64_t observer_ = 0;
   bool observing_ = false;
+  std::exception_ptr failure_;
+  void rethrow_failure();
 };
 
 } // namespace caftrain

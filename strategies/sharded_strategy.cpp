@@ -3,6 +3,7 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <set>
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -27,7 +28,7 @@ class ShardHook : public torch::autograd::FunctionPostHook {
 
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
                                             const torch::autograd::variable_list&) override {
-    owner_->mark_ready(index_);
+    owner_->on_gradient(index_);
     return outputs;
   }
 
@@ -184,6 +185,7 @@ void ShardedStrategy::setup_optimizers(
   grad_buffers_.assign(flats_.size(), at::Tensor());
   grad_outputs_.assign(flats_.size(), at::Tensor());
   works_.assign(flats_.size(), nullptr);
+  unused_.clear();
   torch::NoGradGuard no_grad;
   for (size_t f = 0; f < flats_.size(); ++f) {
     auto& flat = *flats_[f];
@@ -200,6 +202,7 @@ void ShardedStrategy::setup_optimizers(
     }
   }
   ready_.assign(params_.size(), false);
+  used_.assign(params_.size(), false);
   for (size_t i = 0; i < params_.size(); ++i) {
     auto acc = torch::autograd::impl::grad_accumulator(params_[i]);
     hook_keys_.push_back(acc->add_post_hook(std::make_unique<ShardHook>(this, i)));
@@ -231,10 +234,42 @@ void ShardedStrategy::reset_step() {
   step_active_ = false;
 }
 
+void ShardedStrategy::on_gradient(size_t index) {
+  {
+    std::lock_guard<std::mutex> guard(mtx_);
+    used_[index] = true;
+  }
+  if (sync_enabled_) {
+    mark_ready(index);
+    return;
+  }
+  // Inside an accumulation window (no_sync): nothing is communicated until its last
+  // micro-batch. Persistent gradients accumulate in the parameters' .grad (views of the
+  // flat gradient); transient ones in a full flat gradient kept for the window, as
+  // PyTorch FSDP's no_sync keeps unsharded gradients.
+  if (persistent_gradients())
+    return;
+  std::lock_guard<std::mutex> guard(mtx_);
+  auto [f, e] = slots_[index];
+  auto& p = params_[index];
+  if (!p.grad().defined())
+    return;
+  torch::NoGradGuard no_grad;
+  accumulate_into_buffer(f, e, p.grad());
+  p.mutable_grad().reset();
+}
+
+void ShardedStrategy::accumulate_into_buffer(size_t f, size_t e, const at::Tensor& grad) {
+  auto& flat = *flats_[f];
+  if (!grad_buffers_[f].defined()) {
+    grad_buffers_[f] = torch::zeros({flat.padded()}, flat.full().options());
+    add_transient(flat.full_bytes());
+  }
+  auto& entry = flat.entries()[e];
+  grad_buffers_[f].narrow(0, entry.offset, entry.numel).add_(grad.reshape({-1}));
+}
+
 void ShardedStrategy::mark_ready(size_t index) {
-  bool persistent = persistent_gradients();
-  if (persistent && !sync_enabled_)
-    return; // accumulating locally into the persistent flat gradient
   std::lock_guard<std::mutex> guard(mtx_);
   if (ready_[index])
     throw Error(Errc::invalid_argument, label() + ": a parameter received its gradient twice in "
@@ -244,19 +279,18 @@ void ShardedStrategy::mark_ready(size_t index) {
   auto& entry = flat.entries()[e];
   auto& p = params_[index];
   torch::NoGradGuard no_grad;
-  if (persistent) {
+  if (persistent_gradients()) {
     auto view = grad_buffers_[f].narrow(0, entry.offset, entry.numel).view(entry.shape);
     if (p.grad().defined() && p.grad().data_ptr() != view.data_ptr()) {
       view.copy_(p.grad());
       p.mutable_grad() = view;
     }
   } else {
-    if (!grad_buffers_[f].defined()) {
-      grad_buffers_[f] = torch::zeros({flat.padded()}, flat.full().options());
-      add_transient(flat.full_bytes());
-    }
+    // The buffer may already hold this window's earlier micro-batches (no_sync).
     if (p.grad().defined())
-      grad_buffers_[f].narrow(0, entry.offset, entry.numel).copy_(p.grad().reshape({-1}));
+      accumulate_into_buffer(f, e, p.grad());
+    else if (!grad_buffers_[f].defined())
+      accumulate_into_buffer(f, e, torch::zeros({entry.numel}, flat.full().options()));
     p.mutable_grad().reset(); // the full gradient lives only until its flat is reduced
   }
   ready_[index] = true;
@@ -315,15 +349,16 @@ void ShardedStrategy::fold(size_t f) {
 
 void ShardedStrategy::backward(const at::Tensor& loss) {
   Strategy::backward(loss);
-  // Without persistent full gradients every micro-batch is reduced into the shards (the
-  // full gradients were freed as their flats went out); with them, only the last one of
-  // an accumulation window, in finish_gradient_sync.
-  if (!persistent_gradients())
+  // Without persistent full gradients the last micro-batch of a window is reduced into
+  // the shards as backward produces it (its flats' buffers freed as they go out); with
+  // them, in finish_gradient_sync. The micro-batches before it (no_sync) communicate
+  // nothing.
+  if (!persistent_gradients() && sync_enabled_)
     complete_reduction();
 }
 
 void ShardedStrategy::finish_gradient_sync() {
-  if (persistent_gradients() && !sync_enabled_)
+  if (!sync_enabled_)
     return;
   complete_reduction();
 }
@@ -339,6 +374,20 @@ void ShardedStrategy::complete_reduction() {
       mark_ready(i);
       guard.lock();
     }
+  // Which parameters some rank used in this window: one small all-reduce after every
+  // flat's (the same order on every rank), so that a parameter no rank used is left
+  // alone by the step, as PyTorch DDP's find_unused_parameters leaves it without gradient.
+  std::shared_ptr<Work> usage_work;
+  auto usage = torch::zeros({static_cast<int64_t>(params_.size())}, torch::kFloat);
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (used_[i])
+      usage[static_cast<int64_t>(i)] = 1.0f;
+  std::fill(used_.begin(), used_.end(), false);
+  bool distributed = communicator_ && communicator_->size() > 1 && !params_.empty();
+  if (distributed) {
+    usage = usage.to(params_.front().device());
+    usage_work = communicator_->allreduce(usage, ReduceOp::sum);
+  }
   guard.unlock();
   std::exception_ptr failure;
   for (size_t f = next_fold_; f < flats_.size(); ++f) {
@@ -349,7 +398,25 @@ void ShardedStrategy::complete_reduction() {
         failure = std::current_exception();
     }
   }
+  try {
+    if (usage_work)
+      usage_work->wait();
+  } catch (...) {
+    if (!failure)
+      failure = std::current_exception();
+  }
   guard.lock();
+  unused_.clear();
+  if (!failure) {
+    auto global = usage.cpu();
+    auto* used = global.data_ptr<float>();
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (used[i] == 0.0f) {
+        unused_.push_back(i);
+        if (persistent_gradients())
+          params_[i].mutable_grad().reset(); // as DDP: no gradient (its flat slot is zero)
+      }
+  }
   reset_step();
   guard.unlock();
   if (failure)
@@ -382,10 +449,50 @@ void ShardedStrategy::clip_grad_value(double clip_value) {
 }
 
 void ShardedStrategy::optimizer_step(torch::optim::Optimizer& optimizer) {
-  optimizer.step();
-  for (auto& [opt, owned] : owners_)
+  const std::vector<size_t>* owned = nullptr;
+  for (auto& [opt, flats] : owners_)
     if (opt == &optimizer)
-      after_step(owned);
+      owned = &flats;
+  // The parts of this rank's shards that belong to parameters no rank used keep their
+  // values and optimizer state: the optimizer steps whole shards, so what it would do to
+  // them (momentum, weight decay) is undone. Only the shard's step count advances.
+  struct Kept {
+    at::Tensor target;
+    at::Tensor saved;
+  };
+  std::vector<Kept> kept;
+  if (owned && !unused_.empty()) {
+    torch::NoGradGuard no_grad;
+    for (auto index : unused_) {
+      auto [f, e] = slots_[index];
+      if (std::find(owned->begin(), owned->end(), f) == owned->end())
+        continue;
+      auto& flat = *flats_[f];
+      auto& entry = flat.entries()[e];
+      int64_t begin = flat.rank() * flat.shard_size();
+      int64_t lo = std::max(begin, entry.offset);
+      int64_t hi = std::min(begin + flat.shard_size(), entry.offset + entry.numel);
+      if (lo >= hi)
+        continue;
+      auto keep = [&](const at::Tensor& t) {
+        auto part = t.narrow(0, lo - begin, hi - lo);
+        kept.push_back({part, part.clone()});
+      };
+      keep(flat.shard());
+      for (auto& [key, t] : optimizer_state_of(optimizer, flat.shard()))
+        if (key != "step" && t.dim() == 1 && t.numel() == flat.shard_size())
+          keep(t);
+    }
+  }
+  optimizer.step();
+  if (!kept.empty()) {
+    // State this very step created (the first) saw a zero gradient there: it is zero.
+    torch::NoGradGuard no_grad;
+    for (auto& k : kept)
+      k.target.copy_(k.saved);
+  }
+  if (owned)
+    after_step(*owned);
 }
 
 void ShardedStrategy::zero_grad(torch::optim::Optimizer& optimizer) {
@@ -468,20 +575,144 @@ std::map<std::string, std::vector<char>> ShardedStrategy::shard_files() {
 }
 
 void ShardedStrategy::load_sharded(const Checkpoint& checkpoint) {
-  auto state = consolidate(checkpoint); // any world size: put everything back together
-  load_model_state_dict(state.model, true);
+  require_setup("load_sharded");
+  auto& path = checkpoint.path();
+  if (!is_sharded(checkpoint))
+    throw Error(Errc::corrupt_checkpoint, "checkpoint '" + path + "' has no " +
+                                            std::string(kLayoutFile) + "; it is not sharded");
+  auto text = read_file(checkpoint.file(kLayoutFile));
+  auto layout = layout_from_json(std::string(text.begin(), text.end()), path);
+  auto fail = [&](const std::string& what) {
+    throw Error(Errc::state_mismatch, label() + ": sharded checkpoint '" + path + "': " + what);
+  };
+  // Where each saved parameter lives: its flat and its place in that flat.
+  struct Source {
+    size_t flat = 0;
+    int64_t offset = 0;
+    int64_t numel = 0;
+  };
+  std::map<std::string, Source> sources;
+  for (size_t k = 0; k < layout.flats.size(); ++k)
+    for (auto& e : layout.flats[k].entries)
+      sources[e.name] = {k, e.offset, e.numel};
+  std::set<std::string> ours;
+  for (auto& flat : flats_)
+    for (auto& e : flat->entries()) {
+      ours.insert(e.name);
+      auto it = sources.find(e.name);
+      if (it == sources.end())
+        fail("it has no parameter '" + e.name + "'; load a checkpoint of the same model");
+      if (it->second.numel != e.numel)
+        fail("parameter '" + e.name + "' has " + std::to_string(it->second.numel) +
+             " elements there but " + std::to_string(e.numel) + " here");
+    }
+  for (auto& [name, source] : sources)
+    if (!ours.count(name))
+      fail("it has parameter '" + name + "', which this model (or its optimizers) lacks");
+  // What this rank's shards need, by the saved rank whose shard holds it: a piece of
+  // shard f (from `dst`, `n` elements) is elements `src` on of saved flat `saved_flat`'s
+  // shard. Each saved shard is then read once, one at a time, and only those this rank
+  // needs: with the same world size, its own.
+  struct Piece {
+    size_t flat;
+    int64_t dst;
+    size_t saved_flat;
+    int64_t src;
+    int64_t n;
+  };
+  std::map<int64_t, std::vector<Piece>> by_saved_rank;
+  for (size_t f = 0; f < flats_.size(); ++f) {
+    auto& flat = *flats_[f];
+    int64_t begin = flat.rank() * flat.shard_size();
+    int64_t end = begin + flat.shard_size();
+    for (auto& e : flat.entries()) {
+      int64_t lo = std::max(begin, e.offset);
+      int64_t hi = std::min(end, e.offset + e.numel);
+      auto& source = sources.at(e.name);
+      auto& saved = layout.flats[source.flat];
+      // Elements [lo, hi) of this flat are the parameter's [lo - offset, hi - offset),
+      // which the saved flat holds at source.offset on, cut into shards of its own size.
+      for (int64_t at = lo; at < hi;) {
+        int64_t pos = source.offset + (at - e.offset);
+        int64_t q = pos / saved.shard_size;
+        int64_t within = pos - q * saved.shard_size;
+        int64_t n = std::min(hi - at, saved.shard_size - within);
+        by_saved_rank[q].push_back({f, at - begin, source.flat, within, n});
+        at += n;
+      }
+    }
+  }
+  torch::NoGradGuard no_grad;
+  std::vector<std::map<std::string, at::Tensor>> states(flats_.size());
+  int64_t peak = 0;
+  for (auto& [q, pieces] : by_saved_rank) {
+    auto name = shard_file(q);
+    if (q >= layout.world_size || !checkpoint.has_file(name))
+      throw Error(Errc::corrupt_checkpoint, "sharded checkpoint '" + path + "': the shard of rank " +
+                                              std::to_string(q) + " (" + name + ") is missing");
+    auto shard = load_state_dict_file(checkpoint.file(name));
+    int64_t bytes = 0;
+    for (auto& item : shard)
+      bytes += static_cast<int64_t>(item.value().nbytes());
+    peak = std::max(peak, bytes);
+    for (auto& piece : pieces) {
+      auto& saved = layout.flats[piece.saved_flat];
+      auto& flat = *flats_[piece.flat];
+      auto* values = shard.find(saved.id);
+      if (!values || values->numel() != saved.shard_size)
+        throw Error(Errc::corrupt_checkpoint, "sharded checkpoint '" + path + "': rank " +
+                                                std::to_string(q) + "'s shard lacks flat buffer '" +
+                                                saved.id + "' of " + std::to_string(saved.shard_size) +
+                                                " elements");
+      flat.shard().narrow(0, piece.dst, piece.n).copy_(values->narrow(0, piece.src, piece.n));
+      auto prefix = saved.id + "/";
+      for (auto& item : shard) {
+        auto& key = item.key();
+        if (key.rfind(prefix, 0) != 0)
+          continue;
+        auto state_key = key.substr(prefix.size());
+        auto& state = states[piece.flat];
+        if (state_key == "step") {
+          if (!state.count("step"))
+            state["step"] = item.value().clone();
+          continue;
+        }
+        auto& buffer = state[state_key];
+        if (!buffer.defined())
+          buffer = torch::zeros({flat.shard_size()}, flat.shard().options().requires_grad(false));
+        buffer.narrow(0, piece.dst, piece.n).copy_(item.value().narrow(0, piece.src, piece.n));
+      }
+    }
+  }
+  last_load_peak_bytes_ = peak;
+  // Buffers (rank 0 wrote them once; they are small) go into every rank's module.
+  if (checkpoint.has_file(kBuffersFile)) {
+    auto buffers = load_state_dict_file(checkpoint.file(kBuffersFile));
+    for (auto& item : module_->named_buffers()) {
+      auto* saved = buffers.find(item.key());
+      if (!saved)
+        fail("it has no buffer '" + item.key() + "'; load a checkpoint of the same model");
+      item.value().copy_(*saved);
+    }
+  }
   for (auto& [opt, owned] : owners_)
     for (auto f : owned)
-      install_shard_state(*opt, *flats_[f], [&](const std::string& name) {
-        auto it = state.optimizer.find(name);
-        return it == state.optimizer.end() ? nullptr : &it->second;
-      });
+      if (!states[f].empty()) // else: saved before the first step, no optimizer state yet
+        set_optimizer_state(*opt, flats_[f]->shard(), states[f]);
+  after_load();
   if (checkpoint.has_file(kOptimizerOptionsFile)) {
-    auto path = checkpoint.file(kOptimizerOptionsFile);
-    auto saved = read_saved_optimizers(read_file(path), optimizers_, path);
+    auto options_path = checkpoint.file(kOptimizerOptionsFile);
+    auto saved = read_saved_optimizers(read_file(options_path), optimizers_, options_path);
     for (size_t i = 0; i < saved.size(); ++i)
-      restore_options(*optimizers_[i], saved[i], path);
+      restore_options(*optimizers_[i], saved[i], options_path);
   }
+}
+
+void ShardedStrategy::after_load() {
+  std::vector<size_t> all(flats_.size());
+  for (size_t f = 0; f < all.size(); ++f)
+    all[f] = f;
+  after_step(all); // the parameters follow the loaded shards
 }
 
 void ShardedStrategy::load_optimizer_state(const std::vector<SavedOptimizer>& saved) {

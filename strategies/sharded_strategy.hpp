@@ -56,13 +56,20 @@ class ShardedStrategy : public Strategy {
   void load_optimizer_state(const std::vector<SavedOptimizer>& saved) override;
   MemoryStats memory_stats() const override;
 
+  /// Bytes of the largest saved shard file the last `load_sharded` read; it reads one at
+  /// a time, and only those holding this rank's elements (its own on the same world
+  /// size), so this bounds what a load holds beyond the strategy's at-rest memory.
+  int64_t last_load_peak_bytes() const noexcept {
+    return last_load_peak_bytes_;
+  }
+
   /// The flats, in launch order (after setup_optimizers).
   const std::vector<std::unique_ptr<FlatShard>>& flats() const noexcept {
     return flats_;
   }
 
-  /// Internal: a gradient-accumulator hook saw parameter `index` ready.
-  void mark_ready(size_t index);
+  /// Internal: a gradient-accumulator hook saw parameter `index`'s gradient accumulated.
+  void on_gradient(size_t index);
 
  protected:
   /// Groups one optimizer param group's parameters (name, tensor) into flats, in launch
@@ -83,6 +90,10 @@ class ShardedStrategy : public Strategy {
   /// gathers now; FSDP frees them and gathers at the next use).
   virtual void after_step(const std::vector<size_t>& flats) = 0;
 
+  /// Brings the parameters up to date after `load_sharded` wrote new values into the
+  /// shards (default: `after_step` of every flat).
+  virtual void after_load();
+
   /// Whether the full parameters stay resident between steps (ZeRO): the shards then alias
   /// them instead of holding copies.
   virtual bool parameters_resident() const {
@@ -101,6 +112,7 @@ class ShardedStrategy : public Strategy {
   /// Peak of the transient bytes (gathered parameters, gradient buffers in flight).
   int64_t peak_transient_ = 0;
   int64_t transient_ = 0;
+  int64_t last_load_peak_bytes_ = 0;
   void add_transient(int64_t bytes);
 
  private:
@@ -109,6 +121,11 @@ class ShardedStrategy : public Strategy {
     size_t entry = 0;
   };
 
+  /// Counts parameter `index`'s gradient (or none) into its flat, and launches the flats
+  /// that became complete.
+  void mark_ready(size_t index);
+  /// Adds `grad` (entry `e` of flat `f`) into the flat's full gradient buffer.
+  void accumulate_into_buffer(size_t f, size_t e, const at::Tensor& grad);
   void launch_ready();
   /// Marks the parameters without gradient as ready (zero), waits for every flat's
   /// reduction and moves it into the shard gradients.
@@ -125,6 +142,10 @@ class ShardedStrategy : public Strategy {
   std::vector<at::Tensor> params_;
   std::vector<Slot> slots_;
   std::vector<bool> ready_;
+  /// Per parameter: a backward of this accumulation window produced its gradient here.
+  std::vector<bool> used_;
+  /// Parameters no rank used in the last reduced window; the next step leaves them alone.
+  std::vector<size_t> unused_;
   std::vector<size_t> pending_;          // per flat: parameters without gradient yet
   std::vector<at::Tensor> grad_buffers_; // per flat: full flat gradient (persistent or transient)
   std::vector<at::Tensor> grad_outputs_; // per flat: reduce-scatter output (transient modes)

@@ -285,6 +285,38 @@ TEST_CASE("Under DDP with find_unused_parameters a parameter no rank used keeps 
   CHECK(torch::equal(single->unused->weight, start->unused->weight));
 }
 
+TEST_CASE("Under ZeRO and FSDP a parameter no rank used keeps its value and optimizer state, and the rest trains as under DDP", "[sharded][ddp]") {
+  auto start = with_seed(0, [] { return std::make_shared<PartlyUsed>(); });
+  // `extra` only on rank 1, where each rank's parameters are resident (ZeRO, NO_SHARD);
+  // on every rank under FSDP's sharded modes, whose gathers are collectives that every
+  // rank must issue (PyTorch's FSDP likewise needs the same modules run on every rank).
+  auto on_rank_1 = [](PartlyUsed& m, int rank) { m.use_extra = rank == 1; };
+  auto everywhere = [](PartlyUsed& m, int) { m.use_extra = true; };
+  auto ddp_find_unused = [] { return DDPStrategy({.find_unused_parameters = true}); };
+  auto ddp_rank_1 = train_module<PartlyUsed>(2, 3, ddp_find_unused, on_rank_1);
+  auto ddp_everywhere = train_module<PartlyUsed>(2, 3, ddp_find_unused, everywhere);
+  using Make = std::function<StrategyOption()>;
+  struct Case {
+    std::string name;
+    Make make;
+    bool sharded_parameters;
+  };
+  for (auto& [name, make, sharded_parameters] : std::vector<Case>{
+         {"zero_stage_1", [] { return ZeroStrategy({.stage = 1}); }, false},
+         {"zero_stage_2", [] { return ZeroStrategy({.stage = 2}); }, false},
+         {"fsdp NO_SHARD", [] { return FSDPStrategy({.sharding_strategy = ShardingStrategy::NO_SHARD}); }, false},
+         {"fsdp FULL_SHARD", [] { return FSDPStrategy(); }, true},
+         {"fsdp SHARD_GRAD_OP", [] { return FSDPStrategy({.sharding_strategy = ShardingStrategy::SHARD_GRAD_OP}); }, true}}) {
+    CAPTURE(name);
+    auto sharded = train_module<PartlyUsed>(2, 3, make, sharded_parameters ? everywhere : on_rank_1);
+    // AdamW's weight decay would have moved it had the step treated it as a zero gradient.
+    CHECK(torch::equal(sharded->unused->weight, start->unused->weight));
+    CHECK(torch::equal(sharded->unused->bias, start->unused->bias));
+    CHECK(test::max_param_diff(*sharded->extra, *start->extra) > 1e-4);
+    CHECK(test::max_param_diff(*sharded, sharded_parameters ? *ddp_everywhere : *ddp_rank_1) < 2e-5);
+  }
+}
+
 namespace {
 
 /// An MLP whose parameters are all frozen.

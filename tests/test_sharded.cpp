@@ -4,6 +4,7 @@
 
 #include <caf/all.hpp>
 
+#include <atomic>
 #include <functional>
 #include <mutex>
 #include <sstream>
@@ -314,7 +315,10 @@ class SaveAtEnd : public Callback {
 /// state right after the restore.
 std::shared_ptr<Net> run_ckpt(int world, const StrategyMaker& make, int64_t steps,
                               const std::string& resume, const std::string& save,
-                              StateDict* restored = nullptr) {
+                              StateDict* restored = nullptr,
+                              std::vector<int64_t>* load_peaks = nullptr) {
+  if (load_peaks)
+    load_peaks->assign(static_cast<size_t>(world), -1);
   auto data = classification_data(12 * 8);
   std::shared_ptr<Net> rank0;
   std::mutex mtx;
@@ -328,6 +332,9 @@ std::shared_ptr<Net> run_ckpt(int world, const StrategyMaker& make, int64_t step
     Trainer trainer(o);
     trainer.fit(model, data::DataLoader(data, {.batch_size = 12 / world}), std::nullopt, resume);
     std::lock_guard<std::mutex> guard(mtx);
+    if (load_peaks)
+      if (auto* sharded = dynamic_cast<ShardedStrategy*>(&trainer.strategy()))
+        (*load_peaks)[static_cast<size_t>(rank)] = sharded->last_load_peak_bytes();
     if (rank == 0)
       rank0 = model;
   };
@@ -394,6 +401,40 @@ TEST_CASE("A sharded checkpoint of 2 workers loads into 3 workers and into one p
 
     // The model state of a sharded checkpoint reads like any other's.
     check_equal(checkpoint.model_state_dict(), consolidated.model);
+  }
+}
+
+TEST_CASE("Loading a sharded checkpoint reads on each rank only the saved shards holding its elements, one at a time", "[sharded][checkpoint][memory]") {
+  for (auto& v : {Variant{"zero_stage_1", [] { return ZeroStrategy({.stage = 1}); }},
+                  Variant{"zero_stage_2", [] { return ZeroStrategy(zero(2)); }},
+                  Variant{"fsdp", [] { return FSDPStrategy(); }}}) {
+    CAPTURE(v.name);
+    test::TempDir dir;
+    auto saved = dir / "two";
+    auto straight = run_ckpt(2, v.make, 6, "", "");
+    run_ckpt(2, v.make, 3, "", saved);
+    auto checkpoint = Checkpoint::from_directory(saved);
+    auto bytes_of = [&](int64_t r) {
+      int64_t total = 0;
+      for (auto& item : load_state_dict_file(checkpoint.file(shard_file(r))))
+        total += static_cast<int64_t>(item.value().nbytes());
+      return total;
+    };
+    int64_t shard0 = bytes_of(0), shard1 = bytes_of(1);
+    // The same world size: each rank reads its own shard, never both (consolidation did).
+    std::vector<int64_t> peaks;
+    StateDict restored;
+    auto resumed = run_ckpt(2, v.make, 6, saved, "", &restored, &peaks);
+    CHECK(peaks[0] == shard0);
+    CHECK(peaks[1] == shard1);
+    CHECK(test::max_param_diff(*resumed, *straight) < 2e-5);
+    check_equal(restored, consolidate(checkpoint).model);
+    // Resharded onto 3 ranks: at most one saved shard at a time.
+    run_ckpt(3, v.make, 6, saved, "", nullptr, &peaks);
+    for (auto peak : peaks) {
+      CHECK(peak > 0);
+      CHECK(peak <= std::max(shard0, shard1));
+    }
   }
 }
 
@@ -842,5 +883,100 @@ TEST_CASE("A strategy set up twice works: validate then fit, and two fits in a r
       CAPTURE(v.name, validate_first);
       CHECK(test::max_param_diff(*set_up_twice(2, v.make, validate_first, true), *reference) < 2e-5);
     }
+  }
+}
+
+namespace {
+
+/// A communicator that counts what a strategy asks of the one it wraps.
+class CountingCommunicator : public Communicator {
+ public:
+  explicit CountingCommunicator(std::shared_ptr<Communicator> inner) : inner_(std::move(inner)) {}
+
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::string backend() const override { return inner_->backend(); }
+  std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
+
+  std::shared_ptr<Work> allreduce(at::Tensor tensor, ReduceOp op) override {
+    ++allreduces;
+    return inner_->allreduce(std::move(tensor), op);
+  }
+  std::shared_ptr<Work> broadcast(at::Tensor tensor, int root) override {
+    return inner_->broadcast(std::move(tensor), root);
+  }
+  std::shared_ptr<Work> allgather(at::Tensor input, at::Tensor output) override {
+    return inner_->allgather(std::move(input), std::move(output));
+  }
+  std::shared_ptr<Work> reduce_scatter(at::Tensor input, at::Tensor output, ReduceOp op) override {
+    ++reduce_scatters;
+    return inner_->reduce_scatter(std::move(input), std::move(output), op);
+  }
+  std::shared_ptr<Work> barrier() override { return inner_->barrier(); }
+  void close() override { inner_->close(); }
+  bool closed() const override { return inner_->closed(); }
+
+  std::atomic<int> allreduces{0};
+  std::atomic<int> reduce_scatters{0};
+
+ private:
+  std::shared_ptr<Communicator> inner_;
+};
+
+/// The communicator's reduce-scatter count at the end of every training batch.
+class CountPerBatch : public Callback {
+ public:
+  explicit CountPerBatch(std::shared_ptr<CountingCommunicator> comm) : comm_(std::move(comm)) {}
+  void on_train_batch_end(Trainer&, LightningModule&, const at::Tensor&, const Batch&,
+                          int64_t) override {
+    counts.push_back(comm_->reduce_scatters.load());
+  }
+  std::vector<int> counts;
+
+ private:
+  std::shared_ptr<CountingCommunicator> comm_;
+};
+
+} // namespace
+
+TEST_CASE("FSDP and ZeRO-2 under gradient accumulation reduce nothing until the window's last micro-batch", "[sharded][accumulate]") {
+  constexpr int64_t kAccumulate = 4, kSteps = 2, kBatch = 4;
+  for (auto& v : sharded_variants()) {
+    if (v.name == "zero_stage_1" || v.name == "fsdp NO_SHARD")
+      continue; // persistent gradients, or all-reduce: reduced once per window already
+    CAPTURE(v.name);
+    auto data = classification_data(2 * kBatch * kSteps * kAccumulate);
+    std::vector<std::vector<int>> counts(2);
+    std::vector<size_t> flats(2);
+    std::shared_ptr<Net> rank0;
+    run_gloo_ranks(2, [&](int rank, std::shared_ptr<Communicator> comm) {
+      auto counting = std::make_shared<CountingCommunicator>(comm);
+      auto model = with_seed(static_cast<uint64_t>(rank), [] { return std::make_shared<Net>("adam"); });
+      auto o = options_for(kSteps, kAccumulate);
+      o.strategy = v.make();
+      o.plugins = {StaticEnvironment(counting)};
+      auto counter = std::make_shared<CountPerBatch>(counting);
+      o.callbacks = {counter};
+      Trainer trainer(o);
+      trainer.fit(model, data::DataLoader(data, {.batch_size = kBatch}));
+      counts[static_cast<size_t>(rank)] = counter->counts;
+      flats[static_cast<size_t>(rank)] =
+        dynamic_cast<ShardedStrategy&>(trainer.strategy()).flats().size();
+      if (rank == 0)
+        rank0 = model;
+    });
+    for (size_t r = 0; r < 2; ++r) {
+      CAPTURE(r);
+      REQUIRE(counts[r].size() == static_cast<size_t>(kSteps * kAccumulate));
+      int f = static_cast<int>(flats[r]);
+      // Per batch: 0, 0, 0, one per flat; then the same for the second window.
+      std::vector<int> expected;
+      for (int64_t s = 0; s < kSteps; ++s)
+        for (int64_t m = 0; m < kAccumulate; ++m)
+          expected.push_back(static_cast<int>(s) * f + (m + 1 == kAccumulate ? f : 0));
+      CHECK(counts[r] == expected);
+    }
+    auto reference = train_on(2, ddp, "adam", kBatch, kSteps, kAccumulate);
+    CHECK(test::max_param_diff(*rank0, *reference) < 2e-5);
   }
 }
