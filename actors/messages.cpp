@@ -21,6 +21,7 @@ void init(caf::actor_system_config& cfg) {
   cfg.add_message_type<FileDigest>("caftrain::FileDigest");
   cfg.add_message_type<CheckpointMetadata>("caftrain::CheckpointMetadata");
   cfg.add_message_type<Checkpoint>("caftrain::Checkpoint");
+  cfg.add_message_type<std::vector<Checkpoint>>("std::vector<caftrain::Checkpoint>");
   cfg.add_message_type<RunError>("caftrain::RunError");
   cfg.add_message_type<ReportRecord>("caftrain::ReportRecord");
   cfg.add_message_type<std::vector<ReportRecord>>("std::vector<caftrain::ReportRecord>");

@@ -28,6 +28,21 @@ namespace {
 using Self = caf::stateful_actor<TrainerState>*;
 using AfterStop = TrainerState::AfterStop;
 
+// The trainer's own messages to its I/O actor (the persister), which does every disk
+// write and check of the run off CAF's scheduler threads, in the order they were sent.
+/// (history_atom, dir, ReportRecord): appends a report to the run's history.jsonl.
+using history_atom = caf::atom_constant<caf::atom("history")>;
+/// (remove_atom, path): deletes a checkpoint the retention policy dropped.
+using remove_atom = caf::atom_constant<caf::atom("rmckpt")>;
+/// (validate_atom, candidates newest first) -> index of the first that validates, or -1.
+using validate_atom = caf::atom_constant<caf::atom("validate")>;
+/// (result_file_atom, Result) -> true: writes result.json (of a run that ended).
+using result_file_atom = caf::atom_constant<caf::atom("resultf")>;
+/// (unresult_atom, dir): removes result.json (a resumed run has not ended yet).
+using unresult_atom = caf::atom_constant<caf::atom("unresult")>;
+/// (io_done_atom): the I/O actor quits once everything sent before is done.
+using io_done_atom = caf::atom_constant<caf::atom("iodone")>;
+
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -89,6 +104,8 @@ void set_state(Self self, const std::string& state) {
 
 void fail_waiters(Self self, const caf::error& err);
 
+void announce_result(Self self);
+
 void finish(Self self) {
   auto& st = self->state;
   if (st.result)
@@ -104,7 +121,23 @@ void finish(Self self) {
   st.placement.reset();
   auto r = build_result(self);
   st.result = r;
-  write_result_file(r);
+  for (auto& w : st.workers) {
+    self->demonitor(w);
+    self->send_exit(w, caf::exit_reason::user_shutdown);
+  }
+  st.workers.clear();
+  if (!st.persister) {
+    write_result_file(r);
+    return announce_result(self);
+  }
+  // result.json is on disk before anyone learns the run ended.
+  self->request(st.persister, caf::infinite, result_file_atom::value, r)
+    .then([=](bool) { announce_result(self); }, [=](caf::error&) { announce_result(self); });
+}
+
+void announce_result(Self self) {
+  auto& st = self->state;
+  auto& r = *st.result;
   for (auto& cb : run_config(self).callbacks)
     cb->on_finish(r);
   for (auto& p : st.fit_promises)
@@ -116,13 +149,8 @@ void finish(Self self) {
     auto persister = st.persister;
     st.persister = nullptr;
     self->demonitor(persister);
-    self->send_exit(persister, caf::exit_reason::user_shutdown);
+    self->send(persister, io_done_atom::value); // after the writes already sent
   }
-  for (auto& w : st.workers) {
-    self->demonitor(w);
-    self->send_exit(w, caf::exit_reason::user_shutdown);
-  }
-  st.workers.clear();
   fail_waiters(self, make_caf_error(Errc::bad_state, "the run has ended"));
   // The actor ends with its run: pending timers and promises would otherwise keep it (and
   // the actor system's shutdown) waiting.
@@ -131,9 +159,10 @@ void finish(Self self) {
 
 // -- attempts -----------------------------------------------------------------------------
 
+void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest);
+
 void launch_attempt(Self self, int64_t attempt) {
   auto& st = self->state;
-  auto& scaling = st.spec->options.scaling;
   st.attempt = attempt;
   set_state(self, "running");
   st.rounds.clear();
@@ -141,9 +170,38 @@ void launch_attempt(Self self, int64_t attempt) {
   st.succeeded.clear();
   st.workers.clear();
   // Start from the latest good checkpoint (a corrupt one is skipped), else the initial
-  // one. A run told to prefer the initial one (a PBT trial exploiting another's
-  // checkpoint) starts from that until it has checkpointed anew.
-  std::optional<Checkpoint> start = st.manager->latest_valid();
+  // one. The I/O actor checks them (reading every file is no work for a CAF thread); the
+  // workers then trust its check (Checkpoint::validate_once).
+  std::vector<Checkpoint> candidates;
+  for (auto i = st.manager->kept().rbegin(); i != st.manager->kept().rend(); ++i)
+    candidates.push_back(i->first);
+  if (candidates.empty() || !st.persister)
+    return start_workers(self, attempt, st.manager->latest_valid());
+  self->request(st.persister, caf::infinite, validate_atom::value, candidates)
+    .then(
+      [=](int64_t i) {
+        auto& st = self->state;
+        if (st.result || st.stopping || st.attempt != attempt)
+          return;
+        start_workers(self, attempt,
+                      i < 0 ? std::nullopt : std::optional<Checkpoint>(candidates[static_cast<size_t>(i)]));
+      },
+      [=](caf::error&) {
+        auto& st = self->state;
+        if (st.result || st.stopping || st.attempt != attempt)
+          return;
+        start_workers(self, attempt, st.manager->latest_valid());
+      });
+}
+
+/// Spawns the workers of `attempt`, which start from `latest` (the newest checkpoint
+/// that validated) or the initial checkpoint.
+void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest) {
+  auto& st = self->state;
+  auto& scaling = st.spec->options.scaling;
+  std::optional<Checkpoint> start = std::move(latest);
+  // A run told to prefer the initial one (a PBT trial exploiting another's checkpoint)
+  // starts from that until it has checkpointed anew.
   if (st.initial_checkpoint &&
       (!start || (st.spec->prefer_initial_checkpoint && start->path() == st.adopted_latest)))
     start = st.initial_checkpoint;
@@ -228,10 +286,15 @@ void complete_stop(Self self) {
       cb->on_failure(err.message, st.attempt + 1, restart);
     if (restart) {
       set_state(self, "restarting");
+      if (st.persists_in_flight > 0) {
+        st.restart_after_persists = true; // on_persisted launches it
+        return;
+      }
       return launch_attempt(self, st.attempt + 1);
     }
     st.error = err;
   }
+  st.restart_after_persists = false;
   finish(self);
 }
 
@@ -309,7 +372,7 @@ void record_round(Self self, int64_t index, TrainerState::Round& round, const Ch
   rec.checkpoint_path = ckpt.path();
   rec.timestamp = now_seconds();
   st.history.push_back(rec);
-  append_history(st.spec->dir, rec);
+  self->send(st.persister, history_atom::value, st.spec->dir, rec);
   for (auto& s : st.subscribers)
     self->send(s, rec);
   for (auto& cb : run_config(self).callbacks)
@@ -358,6 +421,35 @@ std::string checkpoint_dir_name(Self self, int64_t index, const TrainerState::Ro
   return name;
 }
 
+/// A checkpoint whose attempt was stopped between its round's reports and its commit:
+/// the round was complete on every rank, so its report counts (once), like the rounds
+/// a resumed run finds committed without a history line.
+void record_late_commit(Self self, const Checkpoint& ckpt) {
+  auto& st = self->state;
+  auto& md = ckpt.metadata();
+  if (md.report_index < 0 || st.result)
+    return;
+  auto at = std::find_if(st.history.begin(), st.history.end(),
+                         [&](const ReportRecord& r) { return r.index >= md.report_index; });
+  if (at != st.history.end() && at->index == md.report_index)
+    return;
+  ReportRecord rec{st.spec->name, md.report_index, md.attempt, md.metrics, {md.metrics},
+                   ckpt.path(), md.created_at};
+  self->send(st.persister, history_atom::value, st.spec->dir, rec);
+  st.history.insert(at, std::move(rec));
+}
+
+/// A checkpoint left the persister: a restart that waited for the writes starts now.
+void on_persisted(Self self) {
+  auto& st = self->state;
+  if (st.persists_in_flight > 0 || !st.restart_after_persists)
+    return;
+  st.restart_after_persists = false;
+  if (st.result)
+    return;
+  launch_attempt(self, st.attempt + 1);
+}
+
 void complete_round(Self self, int64_t index) {
   auto& st = self->state;
   auto& round = st.rounds.at(index);
@@ -388,20 +480,27 @@ void complete_round(Self self, int64_t index) {
   meta.global_step = metrics.count("step") ? static_cast<int64_t>(metrics.at("step")) : 0;
   meta.world_size = st.spec->options.scaling.num_workers;
   round.persisting = true;
+  ++st.persists_in_flight;
   auto attempt = st.attempt;
   self->request(st.persister, caf::infinite, persist_atom::value, req)
     .then(
       [=](Checkpoint& ckpt) {
         auto& st = self->state;
+        --st.persists_in_flight;
         // A committed checkpoint is complete, whatever happened to the attempt meanwhile.
         st.manager->register_checkpoint(ckpt, ckpt.metadata().metrics);
         if (st.attempt != attempt || st.rounds.count(index) == 0)
-          return;
-        record_round(self, index, st.rounds.at(index), ckpt);
+          record_late_commit(self, ckpt);
+        else
+          record_round(self, index, st.rounds.at(index), ckpt);
+        on_persisted(self);
       },
       [=](caf::error& err) {
-        if (self->state.attempt == attempt)
+        auto& st = self->state;
+        --st.persists_in_flight;
+        if (st.attempt == attempt && !st.stopping && !st.restart_after_persists)
           worker_failed(self, to_run_error(err, -1, attempt));
+        on_persisted(self);
       });
 }
 
@@ -524,8 +623,7 @@ void placed(Self self, Placement& placement) {
   st.placing = false;
   st.waiting_reason.clear();
   st.placement = std::move(placement);
-  remove_result_file(st.spec->dir); // a resumed run has not ended (yet)
-  st.persister = self->spawn<caf::detached + caf::monitored>(persister_actor);
+  self->send(st.persister, unresult_atom::value, st.spec->dir); // a resumed run has not ended (yet)
   launch_attempt(self, st.first_attempt);
 }
 
@@ -581,15 +679,30 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
   auto& st = self->state;
   st.spec = std::move(spec);
   auto& opts = st.spec->options;
+  // The run's I/O actor, on its own thread; it ends after the run's last write, or with
+  // this actor.
+  st.persister = self->spawn<caf::detached + caf::monitored>(persister_actor);
+  self->attach_functor([persister = st.persister] {
+    caf::anon_send_exit(persister, caf::exit_reason::user_shutdown);
+  });
   st.manager = std::make_unique<CheckpointManager>(
     RetentionPolicy{opts.run.checkpoint.num_to_keep, opts.run.checkpoint.checkpoint_score_attribute,
-                    opts.run.checkpoint.checkpoint_score_order});
+                    opts.run.checkpoint.checkpoint_score_order},
+    [self](const std::string& path) {
+      auto& st = self->state;
+      if (st.persister) {
+        self->send(st.persister, remove_atom::value, path);
+      } else {
+        std::error_code ec;
+        fs::remove_all(path, ec);
+      }
+    });
   // Restoring: adopt what the run directory already holds.
   std::vector<std::pair<Checkpoint, Metrics>> existing;
   for (auto& c : find_checkpoints(st.spec->dir, st.spec->name))
     existing.emplace_back(c, c.metadata().metrics);
   st.manager->adopt(existing);
-  if (auto latest = st.manager->latest_valid())
+  if (auto latest = st.manager->latest())
     st.adopted_latest = latest->path();
   st.history = read_history(st.spec->dir, st.spec->name);
   // A checkpoint committed while its attempt was being stopped (a cancel or a failure
@@ -603,7 +716,7 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
       continue;
     ReportRecord rec{st.spec->name, md.report_index, md.attempt, md.metrics, {md.metrics},
                      ckpt.path(), md.created_at};
-    append_history(st.spec->dir, rec);
+    self->send(st.persister, history_atom::value, st.spec->dir, rec);
     st.history.insert(at, std::move(rec));
   }
   st.adopted_reports = st.history.empty() ? 0 : st.history.back().index + 1;
@@ -758,6 +871,41 @@ caf::behavior persister_actor(caf::event_based_actor* self) {
         return make_caf_error(Errc::io_error, e.what());
       }
     },
+    [=](history_atom, const std::string& dir, const ReportRecord& rec) {
+      try {
+        append_history(dir, rec);
+      } catch (const std::exception& e) {
+        spdlog::warn("caftrain: run {}: report #{} not added to the history: {}", rec.run,
+                     rec.index, e.what());
+      }
+    },
+    [=](remove_atom, const std::string& path) {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+      if (ec)
+        spdlog::warn("caftrain: cannot delete checkpoint '{}': {}", path, ec.message());
+    },
+    [=](validate_atom, const std::vector<Checkpoint>& candidates) -> int64_t {
+      for (size_t i = 0; i < candidates.size(); ++i) {
+        try {
+          candidates[i].validate();
+          return static_cast<int64_t>(i);
+        } catch (const Error& e) {
+          spdlog::warn("caftrain: skipping checkpoint: {}", e.what()); // the one before it
+        }
+      }
+      return -1;
+    },
+    [=](result_file_atom, const Result& r) {
+      try {
+        write_result_file(r);
+      } catch (const std::exception& e) {
+        spdlog::warn("caftrain: cannot write the result of run in '{}': {}", r.path, e.what());
+      }
+      return true;
+    },
+    [=](unresult_atom, const std::string& dir) { remove_result_file(dir); },
+    [=](io_done_atom) { self->quit(); },
   };
 }
 

@@ -75,6 +75,12 @@ struct TrainerState {
   /// Reports the run directory's history held then (where a foreign checkpoint resumes).
   int64_t adopted_reports = 0;
   caf::actor persister;
+  /// Checkpoints sent to the persister and not committed (or failed) yet.
+  int64_t persists_in_flight = 0;
+  /// A restart decided while checkpoints were in flight: the next attempt starts once
+  /// they are committed, so that it starts from the newest one and never reuses the
+  /// report indices (and checkpoint names) of a late commit.
+  bool restart_after_persists = false;
   // -- callers --
   std::vector<caf::actor> subscribers;
   std::vector<caf::response_promise> fit_promises;

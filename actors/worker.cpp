@@ -1,5 +1,6 @@
 #include "actors/worker.hpp"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -60,8 +61,11 @@ class ActorSession : public Session {
     last_beat_.store(std::chrono::steady_clock::now().time_since_epoch().count());
   }
 
-  /// Time since the training thread last showed progress.
+  /// Time since the training thread last showed progress; none while it waits in
+  /// `train::report` for the other ranks (the round's report_timeout covers those).
   std::chrono::milliseconds since_heartbeat() const {
+    if (waiting_in_report_.load())
+      return std::chrono::milliseconds{0};
     auto now = std::chrono::steady_clock::now().time_since_epoch().count();
     return std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::steady_clock::duration(now - last_beat_.load()));
@@ -75,6 +79,7 @@ class ActorSession : public Session {
       return report_files(metrics, files);
     std::lock_guard<std::mutex> guard(reporter_mtx_);
     reporter_ = std::thread([this, metrics, files = std::move(files)] {
+      pthread_setname_np(pthread_self(), "caftrain.report");
       lower_thread_priority(); // the training threads keep the cores
       try {
         report_files(metrics, files);
@@ -131,6 +136,17 @@ class ActorSession : public Session {
       r.checkpoint_dir = checkpoint->path();
     r.checkpoint_dir_name = args.checkpoint_dir_name;
     auto& run = spec_.run->options.run;
+    struct Waiting {
+      ActorSession& s;
+      explicit Waiting(ActorSession& s) : s(s) {
+        s.waiting_in_report_.store(true);
+      }
+      ~Waiting() {
+        s.heartbeat();
+        s.waiting_in_report_.store(false);
+      }
+    };
+    Waiting waiting(*this); // blocked by the others, not stalled
     caf::scoped_actor self{sys_};
     self->request(spec_.trainer, run.report_timeout + std::chrono::seconds(30), report_atom::value, r)
       .receive([&](ack_atom, Checkpoint& persisted) {
@@ -256,6 +272,7 @@ class ActorSession : public Session {
   std::atomic<bool> stop_{false};
   std::string stop_reason_;
   std::atomic<int64_t> last_beat_{std::chrono::steady_clock::now().time_since_epoch().count()};
+  std::atomic<bool> waiting_in_report_{false};
   std::mutex reporter_mtx_;
   std::thread reporter_;
   std::exception_ptr reporter_error_;
@@ -353,6 +370,8 @@ void train_thread(std::shared_ptr<ActorSession> session, std::shared_ptr<std::at
     exit.rank = ctx.world_rank;
     exit.attempt = ctx.attempt;
     trainer = spec.trainer;
+    // Named, rather than inheriting the name of the CAF thread that started it.
+    pthread_setname_np(pthread_self(), ("caftrain.rank" + std::to_string(ctx.world_rank)).substr(0, 15).c_str());
     ScopedWorker scope(session.get());
     at::set_num_threads(static_cast<int>(std::max<int64_t>(1, ctx.num_threads)));
     auto fail = [&](Errc code, const std::string& what) {

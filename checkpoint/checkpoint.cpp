@@ -2,8 +2,15 @@
 
 #include <unistd.h>
 
+#include <sys/stat.h>
+
+#include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -21,6 +28,41 @@ namespace {
 
 [[noreturn]] void corrupt(const std::string& path, const std::string& what) {
   throw Error(Errc::corrupt_checkpoint, "checkpoint '" + path + "': " + what);
+}
+
+/// What a file looked like when it passed a full validation: size and mtime.
+struct FileStamp {
+  int64_t size = -1;
+  int64_t mtime_ns = -1;
+  bool operator==(const FileStamp& o) const {
+    return size == o.size && mtime_ns == o.mtime_ns;
+  }
+};
+
+FileStamp stamp_of(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0)
+    return {};
+  return {static_cast<int64_t>(st.st_size),
+          static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+}
+
+/// Checkpoints this process validated in full: path -> (commit time, file stamps).
+struct Validated {
+  double created_at = 0;
+  std::vector<FileStamp> stamps; // metadata.json first, then the files in name order
+};
+
+std::mutex validated_mtx;
+std::map<std::string, Validated> validated;
+std::atomic<int64_t> full_validation_count{0};
+
+std::vector<FileStamp> stamps_of(const Checkpoint& ckpt) {
+  std::vector<FileStamp> stamps;
+  stamps.push_back(stamp_of(ckpt.file(kMetadataFile)));
+  for (auto& item : ckpt.metadata().files)
+    stamps.push_back(stamp_of(ckpt.file(item.first)));
+  return stamps;
 }
 
 } // namespace
@@ -141,6 +183,29 @@ void Checkpoint::validate() const {
     if (crc32_of_file(p) != digest.crc32)
       corrupt(path_, "file '" + name + "' fails its CRC-32 check (the data was altered)");
   }
+  ++full_validation_count;
+  auto stamps = stamps_of(*this);
+  std::lock_guard<std::mutex> guard(validated_mtx);
+  validated[path_] = {metadata_.created_at, std::move(stamps)};
+}
+
+void Checkpoint::validate_once() const {
+  if (committed_) {
+    std::optional<Validated> seen;
+    {
+      std::lock_guard<std::mutex> guard(validated_mtx);
+      auto it = validated.find(path_);
+      if (it != validated.end())
+        seen = it->second;
+    }
+    if (seen && seen->created_at == metadata_.created_at && seen->stamps == stamps_of(*this))
+      return;
+  }
+  validate();
+}
+
+int64_t Checkpoint::full_validations() noexcept {
+  return full_validation_count.load();
 }
 
 StateDict Checkpoint::model_state_dict() const {

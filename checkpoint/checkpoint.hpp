@@ -95,6 +95,15 @@ class Checkpoint {
   /// naming the first file that is missing, truncated or altered.
   void validate() const;
 
+  /// `validate()`, unless this process fully validated this checkpoint (same path and
+  /// commit time) before and no file changed size or modification time since: then a
+  /// `stat` of each file suffices. A restart's workers load what the trainer checked
+  /// without reading every byte again.
+  void validate_once() const;
+
+  /// Full validations (every file read and CRC-checked) this process has run.
+  static int64_t full_validations() noexcept;
+
   /// The model state dict: `model.pt` (which Python's torch.load reads), or for a sharded
   /// checkpoint the consolidation of every rank's shard.
   StateDict model_state_dict() const;

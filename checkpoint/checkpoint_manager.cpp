@@ -10,7 +10,8 @@ namespace caftrain {
 
 namespace fs = std::filesystem;
 
-CheckpointManager::CheckpointManager(RetentionPolicy policy) : policy_(std::move(policy)) {
+CheckpointManager::CheckpointManager(RetentionPolicy policy, Remover remover)
+  : policy_(std::move(policy)), remover_(std::move(remover)) {
   if (policy_.num_to_keep && *policy_.num_to_keep < (policy_.keep_latest ? 1 : 0))
     throw Error(Errc::invalid_config, "CheckpointConfig.num_to_keep is " +
                                         std::to_string(*policy_.num_to_keep) +
@@ -68,6 +69,8 @@ void CheckpointManager::register_checkpoint(const Checkpoint& checkpoint, const 
   for (size_t i = 0; i < kept_.size(); ++i) {
     if (keep[i]) {
       survivors.push_back(std::move(kept_[i]));
+    } else if (remover_) {
+      remover_(kept_[i].first.path());
     } else {
       std::error_code ec;
       fs::remove_all(kept_[i].first.path(), ec);

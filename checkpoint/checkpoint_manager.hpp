@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -31,8 +32,12 @@ struct RetentionPolicy {
 /// deleted from disk. Registration order is report order.
 class CheckpointManager {
  public:
+  /// Deletes a dropped checkpoint's directory. The default removes it at once; the
+  /// trainer actor hands it to its I/O actor instead.
+  using Remover = std::function<void(const std::string& path)>;
+
   /// Throws `Error(invalid_config)` for num_to_keep < 1 or an unknown order.
-  explicit CheckpointManager(RetentionPolicy policy = {});
+  explicit CheckpointManager(RetentionPolicy policy = {}, Remover remover = {});
 
   /// Adds a persisted checkpoint with the metrics reported with it, then applies the
   /// policy (deleting what it drops). Throws `Error(invalid_config)` naming the attribute
@@ -68,6 +73,7 @@ class CheckpointManager {
   bool better(const Metrics& a, const Metrics& b) const;
 
   RetentionPolicy policy_;
+  Remover remover_;
   std::vector<std::pair<Checkpoint, Metrics>> kept_;
 };
 

@@ -3,8 +3,12 @@
 
 #include <caf/all.hpp>
 
+#include <dlfcn.h>
+#include <pthread.h>
+
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -13,6 +17,66 @@
 
 using namespace caftrain;
 using Catch::Matchers::Contains;
+
+// -- disk writes by thread ----------------------------------------------------------------
+// The test binary's own fsync and remove: they count the calls made on CAF's scheduler
+// threads (named "caf.multiplexer" by CAF 0.17), which must make none, then do the call.
+
+namespace {
+
+std::atomic<int64_t> syncs_seen{0};
+std::atomic<int64_t> io_on_scheduler{0};
+std::mutex io_mtx;
+std::vector<std::string> io_on_scheduler_calls;
+
+void note_io(const char* call) {
+  char name[32] = {0};
+  pthread_getname_np(pthread_self(), name, sizeof(name));
+  if (std::strcmp(name, "caf.multiplexer") != 0)
+    return;
+  ++io_on_scheduler;
+  std::lock_guard<std::mutex> guard(io_mtx);
+  io_on_scheduler_calls.push_back(call);
+}
+
+template <class Fn>
+Fn real(const char* symbol) {
+  return reinterpret_cast<Fn>(dlsym(RTLD_NEXT, symbol));
+}
+
+} // namespace
+
+extern "C" int fsync(int fd) {
+  static auto fn = real<int (*)(int)>("fsync");
+  ++syncs_seen;
+  note_io("fsync");
+  return fn(fd);
+}
+
+extern "C" int fdatasync(int fd) {
+  static auto fn = real<int (*)(int)>("fdatasync");
+  ++syncs_seen;
+  note_io("fdatasync");
+  return fn(fd);
+}
+
+extern "C" int unlink(const char* path) {
+  static auto fn = real<int (*)(const char*)>("unlink");
+  note_io("unlink");
+  return fn(path);
+}
+
+extern "C" int rmdir(const char* path) {
+  static auto fn = real<int (*)(const char*)>("rmdir");
+  note_io("rmdir");
+  return fn(path);
+}
+
+extern "C" int remove(const char* path) {
+  static auto fn = real<int (*)(const char*)>("remove");
+  note_io("remove");
+  return fn(path);
+}
 
 namespace {
 
@@ -37,20 +101,37 @@ class Classifier : public LightningModule {
   torch::nn::Linear fc1{nullptr}, fc2{nullptr};
 };
 
-/// Throws on `rank` at global step `step` while the attempt is below `attempts`.
+/// Throws on `rank` at global step `step` while the attempt is below `attempts`; with
+/// `while_persisting`, once the trainer's persister has begun to commit a checkpoint
+/// (its staging directory appeared in the run directory).
 class Injector : public Callback {
  public:
-  Injector(int64_t rank, int64_t step, int64_t attempts)
-    : rank_(rank), step_(step), attempts_(attempts) {}
+  Injector(int64_t rank, int64_t step, int64_t attempts, bool while_persisting = false)
+    : rank_(rank), step_(step), attempts_(attempts), while_persisting_(while_persisting) {}
   void on_train_batch_start(Trainer& t, LightningModule&, const Batch&, int64_t) override {
     auto& ctx = train::get_context();
-    if (ctx.world_rank == rank_ && ctx.attempt < attempts_ && t.global_step() == step_)
-      throw std::runtime_error("injected failure at step " + std::to_string(step_) + " of attempt " +
-                               std::to_string(ctx.attempt));
+    if (ctx.world_rank != rank_ || ctx.attempt >= attempts_ || t.global_step() != step_)
+      return;
+    if (while_persisting_) {
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (!persisting(ctx.run_dir) && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    throw std::runtime_error("injected failure at step " + std::to_string(step_) + " of attempt " +
+                             std::to_string(ctx.attempt));
   }
 
  private:
+  static bool persisting(const std::string& run_dir) {
+    std::error_code ec;
+    for (auto& entry : std::filesystem::directory_iterator(run_dir, ec))
+      if (entry.path().filename().string().rfind(".staging-checkpoint", 0) == 0)
+        return true;
+    return false;
+  }
+
   int64_t rank_, step_, attempts_;
+  bool while_persisting_;
 };
 
 /// 2 epochs of 6 steps on each of 2 ranks; a report every step, a checkpoint every third.
@@ -59,11 +140,15 @@ void train_func(const Config& c) {
   auto data = std::make_shared<data::TensorDataset>(torch::randn({192, 8}, gen),
                                                     torch::randint(0, 3, {192}, gen));
   auto model = with_seed(0, [] { return std::make_shared<Classifier>(); });
+  // Ballast: a buffer that makes every checkpoint slow to persist (the race tests).
+  if (auto mib = c.get<int64_t>("ballast_mib", 0))
+    model->register_buffer("ballast", torch::ones({mib << 18}));
   Trainer trainer({.max_epochs = 2,
-                   .strategy = DDPStrategy(),
+                   .strategy = DDPStrategy({.broadcast_buffers = false}),
                    .plugins = {ActorEnvironment()},
                    .callbacks = {Injector(c.get<int64_t>("fail_rank"), c.get<int64_t>("fail_step"),
-                                          c.get<int64_t>("fail_attempts")),
+                                          c.get<int64_t>("fail_attempts"),
+                                          c.get<bool>("while_persisting", false)),
                                  ReportCallback({.every_n_epochs = 0,
                                                  .every_n_steps = 1,
                                                  .checkpoint_every = 3,
@@ -77,12 +162,15 @@ void train_func(const Config& c) {
 }
 
 Result run(caf::actor_system& sys, const test::TempDir& dir, const std::string& name,
-           int64_t fail_step, int64_t fail_attempts, int64_t max_failures, bool async = false) {
+           int64_t fail_step, int64_t fail_attempts, int64_t max_failures, bool async = false,
+           int64_t ballast_mib = 0) {
   TorchTrainerOptions o;
   o.train_loop_config = {{"fail_rank", int64_t{1}},
                          {"fail_step", fail_step},
                          {"fail_attempts", fail_attempts},
-                         {"async", async}};
+                         {"async", async},
+                         {"ballast_mib", ballast_mib},
+                         {"while_persisting", ballast_mib > 0}};
   o.scaling.num_workers = 2;
   o.run.name = name;
   o.run.storage_path = dir.path();
@@ -128,6 +216,75 @@ TEST_CASE("A failure at step 7 on rank 1 restarts once from the checkpoint befor
     }
     check_same_weights(clean, faulty);
     CHECK(faulty.metrics.at("loss") == Approx(clean.metrics.at("loss")).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("A restart validates the checkpoint it restores once, and no disk write or delete of a run happens on CAF's scheduler threads", "[fault]") {
+  test::TempDir dir;
+  System s;
+  io_on_scheduler = 0;
+  {
+    std::lock_guard<std::mutex> guard(io_mtx);
+    io_on_scheduler_calls.clear();
+  }
+  auto syncs_before = syncs_seen.load();
+  auto validations_before = Checkpoint::full_validations();
+  // Keep one checkpoint (and the latest): retention deletes one at every checkpoint.
+  TorchTrainerOptions o;
+  o.train_loop_config = {{"fail_rank", int64_t{1}}, {"fail_step", int64_t{7}},
+                         {"fail_attempts", int64_t{1}}, {"async", false}};
+  o.scaling.num_workers = 2;
+  o.run.name = "faulty";
+  o.run.storage_path = dir.path();
+  o.run.failure.max_failures = 1;
+  o.run.checkpoint.num_to_keep = 1;
+  auto faulty = TorchTrainer(s.sys, train_func, o).fit();
+  INFO((faulty.error ? faulty.error->message : ""));
+  REQUIRE(faulty.ok());
+  CHECK(faulty.attempts == 2);
+  // One restart, from one checkpoint: one full check, by the trainer's I/O actor; the two
+  // workers loading it trust that check.
+  CHECK(Checkpoint::full_validations() - validations_before == 1);
+  // Checkpoints, history and result were written and synced, but never on a CAF thread.
+  CHECK(syncs_seen.load() - syncs_before > 10);
+  std::lock_guard<std::mutex> guard(io_mtx);
+  CAPTURE(io_on_scheduler_calls);
+  CHECK(io_on_scheduler.load() == 0);
+  // The result file is there once fit returns.
+  CHECK(std::filesystem::exists(std::filesystem::path(faulty.path) / "result.json"));
+}
+
+TEST_CASE("A failure while the previous checkpoint is still being persisted restarts after the write, from the newest checkpoint, with every report once", "[fault]") {
+  // 64 MiB of ballast makes each checkpoint write take a while; rank 1 fails at the start
+  // of step 7, once the trainer's persister has begun to commit the checkpoint of step 6
+  // (async: the ranks train on meanwhile), so the group stops while the commit goes on.
+  test::TempDir dir;
+  System s;
+  auto clean = run(s.sys, dir, "clean", -1, 0, 0, true, 64);
+  REQUIRE(clean.ok());
+  auto faulty = run(s.sys, dir, "faulty", 6, 1, 1, true, 64);
+  INFO((faulty.error ? faulty.error->message : ""));
+  REQUIRE(faulty.ok());
+  CHECK(faulty.attempts == 2);
+  REQUIRE(faulty.metrics_history.size() == 12);
+  int64_t redone_from = -1;
+  for (size_t i = 0; i < 12; ++i) {
+    auto& rec = faulty.metrics_history[i];
+    CAPTURE(i);
+    CHECK(rec.index == static_cast<int64_t>(i));
+    CHECK(rec.metrics.at("step") == static_cast<double>(i + 1));
+    CHECK(rec.metrics.at("loss") == Approx(clean.metrics_history[i].metrics.at("loss")).epsilon(1e-5));
+    if (rec.attempt == 1 && redone_from < 0)
+      redone_from = static_cast<int64_t>(i);
+  }
+  // The second attempt starts after the newest committed checkpoint: step 6's, whose
+  // commit the restart waited for.
+  CHECK(redone_from == 6);
+  check_same_weights(clean, faulty);
+  // The checkpoints the retention policy kept are complete and loadable.
+  for (auto& ckpt : faulty.best_checkpoints) {
+    CAPTURE(ckpt.first.path());
+    CHECK(ckpt.first.model_state_dict().size() > 0);
   }
 }
 

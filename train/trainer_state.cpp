@@ -188,7 +188,7 @@ void restore_all_options(Trainer::Impl& s, const std::vector<SavedOptimizer>& sa
 void restore_checkpoint(Trainer& trainer, const std::string& path) {
   auto& s = trainer.impl();
   auto ckpt = Checkpoint::open(path);
-  ckpt.validate();
+  ckpt.validate_once(); // a restart's trainer validated it already
   auto& strategy = *s.strategy;
   if (is_sharded(ckpt)) {
     if (strategy.sharded_checkpoints()) {
