@@ -45,7 +45,8 @@ void Strategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimi
 }
 
 void Strategy::teardown() {
-  optimizers_.clear();
+  // The optimizers stay known: a checkpoint saved after fit (Trainer::save_checkpoint)
+  // still records their state and options. The next setup replaces them.
 }
 
 void Strategy::require_setup(const char* what) const {

@@ -404,6 +404,28 @@ TEST_CASE("A sharded checkpoint of 2 workers loads into 3 workers and into one p
   }
 }
 
+TEST_CASE("A sharded checkpoint saved after fit resumes like one saved during it", "[sharded][checkpoint]") {
+  for (auto& v : {Variant{"zero_stage_2", [] { return ZeroStrategy(zero(2)); }},
+                  Variant{"fsdp", [] { return FSDPStrategy(); }}}) {
+    CAPTURE(v.name);
+    test::TempDir dir;
+    auto saved = dir / "after_fit";
+    auto straight = run_ckpt(2, v.make, 6, "", "");
+    auto data = classification_data(12 * 8);
+    run_gloo_ranks(2, [&](int rank, std::shared_ptr<Communicator> comm) {
+      auto model = with_seed(static_cast<uint64_t>(rank), [] { return std::make_shared<Net>("adamw"); });
+      auto o = options_for(3);
+      o.strategy = v.make();
+      o.plugins = {StaticEnvironment(comm)};
+      Trainer trainer(o);
+      trainer.fit(model, data::DataLoader(data, {.batch_size = 6}));
+      trainer.save_checkpoint(saved); // collective, after the strategy's teardown
+    });
+    auto resumed = run_ckpt(2, v.make, 6, saved, "");
+    CHECK(test::max_param_diff(*resumed, *straight) < 2e-5);
+  }
+}
+
 TEST_CASE("Loading a sharded checkpoint reads on each rank only the saved shards holding its elements, one at a time", "[sharded][checkpoint][memory]") {
   for (auto& v : {Variant{"zero_stage_1", [] { return ZeroStrategy({.stage = 1}); }},
                   Variant{"zero_stage_2", [] { return ZeroStrategy(zero(2)); }},
