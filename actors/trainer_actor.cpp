@@ -421,9 +421,10 @@ std::string checkpoint_dir_name(Self self, int64_t index, const TrainerState::Ro
   return name;
 }
 
-/// A checkpoint whose attempt was stopped between its round's reports and its commit:
-/// the round was complete on every rank, so its report counts (once), like the rounds
-/// a resumed run finds committed without a history line.
+/// A checkpoint whose attempt was stopped between its round's reports and its commit
+/// (a cancel, a failure, the process killed): the round was complete on every rank, so
+/// its report counts, once: added to the history from the checkpoint's metadata unless
+/// the history has it. A restart and a resumed run both use it.
 void record_late_commit(Self self, const Checkpoint& ckpt) {
   auto& st = self->state;
   auto& md = ckpt.metadata();
@@ -708,17 +709,8 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
   // A checkpoint committed while its attempt was being stopped (a cancel or a failure
   // between the commit and the record) has no report in the history; its metadata holds
   // that report, so the resumed run neither loses it nor redoes it.
-  for (auto& [ckpt, metrics] : existing) {
-    auto& md = ckpt.metadata();
-    auto at = std::find_if(st.history.begin(), st.history.end(),
-                           [&](const ReportRecord& r) { return r.index >= md.report_index; });
-    if (md.report_index < 0 || (at != st.history.end() && at->index == md.report_index))
-      continue;
-    ReportRecord rec{st.spec->name, md.report_index, md.attempt, md.metrics, {md.metrics},
-                     ckpt.path(), md.created_at};
-    self->send(st.persister, history_atom::value, st.spec->dir, rec);
-    st.history.insert(at, std::move(rec));
-  }
+  for (auto& item : existing)
+    record_late_commit(self, item.first);
   st.adopted_reports = st.history.empty() ? 0 : st.history.back().index + 1;
   // Attempts keep counting: past the last that reported, and those of an ended run.
   for (auto& rec : st.history)

@@ -1,6 +1,7 @@
 #include "actors/worker.hpp"
 
 #include <pthread.h>
+#include <cstdlib>
 #include <unistd.h>
 
 #include <atomic>
@@ -219,6 +220,10 @@ class ActorSession : public Session {
     } else {
       GlooOptions options;
       options.timeout = spec_.run->options.run.collective_timeout;
+      // CAFTRAIN_GLOO_CHECK_SIGNATURES=0 turns the cross-rank check off (as PyTorch's
+      // TORCH_DISTRIBUTED_DEBUG turns its own on): for measuring what it costs.
+      if (const char* check = std::getenv("CAFTRAIN_GLOO_CHECK_SIGNATURES"))
+        options.check_signatures = std::string(check) != "0";
       comm = GlooCommunicator::create(store, static_cast<int>(ctx.world_rank),
                                       static_cast<int>(ctx.world_size), options);
     }
