@@ -250,11 +250,14 @@ class PartlyUsed : public LightningModule {
     unused = register_module("unused", torch::nn::Linear(8, 8));
   }
 
-  at::Tensor training_step(const Batch& batch, int64_t) override {
+  at::Tensor training_step(const Batch& batch, int64_t batch_idx) override {
     auto out = fc2->forward(torch::relu(fc1->forward(batch.data)));
     if (use_extra)
       out = extra->forward(out);
-    return torch::nn::functional::cross_entropy(out, batch.target);
+    auto loss = torch::nn::functional::cross_entropy(out, batch.target);
+    if (use_unused_once && batch_idx == 0) // then never again: its optimizer state is not zero
+      loss = loss + 0.01 * unused->forward(batch.data).sum();
+    return loss;
   }
 
   Optimizers configure_optimizers() override {
@@ -263,6 +266,7 @@ class PartlyUsed : public LightningModule {
   }
 
   bool use_extra = false;
+  bool use_unused_once = false;
   torch::nn::Linear fc1{nullptr}, fc2{nullptr}, extra{nullptr}, unused{nullptr};
 };
 
@@ -314,6 +318,23 @@ TEST_CASE("Under ZeRO and FSDP a parameter no rank used keeps its value and opti
     CHECK(torch::equal(sharded->unused->bias, start->unused->bias));
     CHECK(test::max_param_diff(*sharded->extra, *start->extra) > 1e-4);
     CHECK(test::max_param_diff(*sharded, sharded_parameters ? *ddp_everywhere : *ddp_rank_1) < 2e-5);
+  }
+  // Used in the first step only: AdamW's moments of it are not zero afterwards, yet the
+  // later steps leave it where the first put it, as DDP does.
+  auto once = [](PartlyUsed& m, int) {
+    m.use_extra = true;
+    m.use_unused_once = true;
+  };
+  auto ddp_once = train_module<PartlyUsed>(2, 3, ddp_find_unused, once);
+  CHECK(test::max_param_diff(*ddp_once->unused, *start->unused) > 1e-4);
+  for (auto& c : std::vector<Case>{
+         {"zero_stage_1", [] { return ZeroStrategy({.stage = 1}); }, false},
+         {"zero_stage_2", [] { return ZeroStrategy({.stage = 2}); }, false},
+         {"fsdp FULL_SHARD", [] { return FSDPStrategy(); }, true}}) {
+    CAPTURE(c.name);
+    auto sharded = train_module<PartlyUsed>(2, 3, c.make, once);
+    CHECK(test::max_param_diff(*sharded->unused, *ddp_once->unused) < 2e-5);
+    CHECK(test::max_param_diff(*sharded, *ddp_once) < 2e-5);
   }
 }
 
