@@ -690,13 +690,9 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
     RetentionPolicy{opts.run.checkpoint.num_to_keep, opts.run.checkpoint.checkpoint_score_attribute,
                     opts.run.checkpoint.checkpoint_score_order},
     [self](const std::string& path) {
-      auto& st = self->state;
-      if (st.persister) {
-        self->send(st.persister, remove_atom::value, path);
-      } else {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-      }
+      // Checkpoints are registered only while the I/O actor lives.
+      if (auto& persister = self->state.persister)
+        self->send(persister, remove_atom::value, path);
     });
   // Restoring: adopt what the run directory already holds.
   std::vector<std::pair<Checkpoint, Metrics>> existing;

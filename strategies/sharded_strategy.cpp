@@ -265,6 +265,8 @@ void ShardedStrategy::accumulate_into_buffer(size_t f, size_t e, const at::Tenso
     grad_buffers_[f] = torch::zeros({flat.padded()}, flat.full().options());
     add_transient(flat.full_bytes());
   }
+  if (!grad.defined())
+    return; // the buffer exists now: the entry counts as zeros
   auto& entry = flat.entries()[e];
   grad_buffers_[f].narrow(0, entry.offset, entry.numel).add_(grad.reshape({-1}));
 }
@@ -287,10 +289,7 @@ void ShardedStrategy::mark_ready(size_t index) {
     }
   } else {
     // The buffer may already hold this window's earlier micro-batches (no_sync).
-    if (p.grad().defined())
-      accumulate_into_buffer(f, e, p.grad());
-    else if (!grad_buffers_[f].defined())
-      accumulate_into_buffer(f, e, torch::zeros({entry.numel}, flat.full().options()));
+    accumulate_into_buffer(f, e, p.grad());
     p.mutable_grad().reset(); // the full gradient lives only until its flat is reduced
   }
   ready_[index] = true;
