@@ -7,6 +7,7 @@
 #include "actors/result.hpp"
 #include "actors/run_config.hpp"
 #include "actors/torch_trainer.hpp"
+#include "actors/worker_process.hpp"
 #include "callbacks/callback.hpp"
 #include "callbacks/csv_logger.hpp"
 #include "callbacks/early_stopping.hpp"

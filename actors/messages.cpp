@@ -3,6 +3,8 @@
 #include <caf/all.hpp>
 
 #include "actors/pool_actor.hpp"
+#include "actors/process_launcher.hpp"
+#include "actors/worker_process.hpp"
 #include "tune/tuner_actor.hpp"
 
 namespace caftrain {
@@ -16,7 +18,9 @@ constexpr caf::atom_value kErrorCategory = caf::atom("caftrain");
 
 void init(caf::actor_system_config& cfg) {
   // The one place that knows every layer's messages: the pool's, the trainer's, Tune's.
+  detail::detect_worker_process(cfg); // and loads the middleman
   add_pool_message_types(cfg);
+  add_worker_process_message_types(cfg);
   tune::add_message_types(cfg);
   cfg.add_message_type<FileDigest>("caftrain::FileDigest");
   cfg.add_message_type<CheckpointMetadata>("caftrain::CheckpointMetadata");

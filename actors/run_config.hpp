@@ -47,6 +47,12 @@ struct ScalingConfig {
   /// How the workers' bundles are spread over the pool's nodes: "PACK" (default, Ray's),
   /// "SPREAD", "STRICT_PACK" or "STRICT_SPREAD" (see PlacementStrategy).
   std::string placement_strategy = "PACK";
+  /// Where each worker runs: "thread" (default; a thread of this process, what an
+  /// embedding service wants) or "process" (this program started again in worker mode,
+  /// see actors/worker_process.hpp: a crash, abort, OOM kill or hang of one worker is a
+  /// failure the run restarts from, never the end of the caller's process). Processes
+  /// use the "gloo" backend on CPU ("auto" picks it).
+  std::string worker_mode = "thread";
 
   /// One bundle per worker, as the run asks the resource pool for them: CPU is
   /// resources_per_worker.cpus, or when 0 one CPU (Ray's default) and, when the run has

@@ -60,10 +60,30 @@ Errc errc_named(const std::string& name) {
 
 // -- run.json -----------------------------------------------------------------------------
 
-json run_json(const std::string& name, const TorchTrainerOptions& o) {
+json config_json(const Config& c) {
   json config = json::object();
-  for (auto& [k, v] : o.train_loop_config.values())
+  for (auto& [k, v] : c.values())
     std::visit([&, key = k](const auto& x) { config[key] = x; }, v);
+  return config;
+}
+
+Config config_of(const json& j) {
+  Config config;
+  for (auto& [k, v] : j.items()) {
+    if (v.is_boolean())
+      config.set(k, v.get<bool>());
+    else if (v.is_number_integer())
+      config.set(k, v.get<int64_t>());
+    else if (v.is_number())
+      config.set(k, v.get<double>());
+    else
+      config.set(k, v.get<std::string>());
+  }
+  return config;
+}
+
+json run_json(const std::string& name, const TorchTrainerOptions& o) {
+  auto config = config_json(o.train_loop_config);
   auto& keep = o.run.checkpoint.num_to_keep;
   return {
     {"name", name},
@@ -71,6 +91,7 @@ json run_json(const std::string& name, const TorchTrainerOptions& o) {
     {"backend", o.torch_config.backend},
     {"num_workers", o.scaling.num_workers},
     {"use_gpu", o.scaling.use_gpu},
+    {"worker_mode", o.scaling.worker_mode},
     {"cpus_per_worker", o.scaling.resources_per_worker.cpus},
     {"gpus_per_worker", o.scaling.resources_per_worker.gpus},
     {"max_failures", o.run.failure.max_failures},
@@ -87,6 +108,21 @@ std::string run_file(const std::string& dir) {
 }
 
 } // namespace
+
+std::string config_to_json(const Config& config) {
+  return config_json(config).dump();
+}
+
+Config config_from_json(const std::string& text) {
+  auto j = json::parse(text, nullptr, false);
+  if (!j.is_object())
+    throw Error(Errc::invalid_argument, "not a JSON object of config values: " + text.substr(0, 80));
+  try {
+    return config_of(j);
+  } catch (const json::exception& e) {
+    throw Error(Errc::invalid_argument, std::string("config values must be scalars: ") + e.what());
+  }
+}
 
 std::string expand_home(const std::string& path) {
   if (path.rfind("~/", 0) == 0 || path == "~") {
@@ -132,21 +168,11 @@ StoredRun read_run_file(const std::string& dir) {
   try {
     auto j = json::parse(bytes.begin(), bytes.end());
     stored.name = j.at("name").get<std::string>();
-    Config config;
-    for (auto& [k, v] : j.at("train_loop_config").items()) {
-      if (v.is_boolean())
-        config.set(k, v.get<bool>());
-      else if (v.is_number_integer())
-        config.set(k, v.get<int64_t>());
-      else if (v.is_number())
-        config.set(k, v.get<double>());
-      else
-        config.set(k, v.get<std::string>());
-    }
-    o.train_loop_config = config;
+    o.train_loop_config = config_of(j.at("train_loop_config"));
     o.torch_config.backend = j.value("backend", "auto");
     o.scaling.num_workers = j.at("num_workers").get<int64_t>();
     o.scaling.use_gpu = j.at("use_gpu").get<bool>();
+    o.scaling.worker_mode = j.value("worker_mode", "thread");
     o.scaling.resources_per_worker.cpus = j.value("cpus_per_worker", 0.0);
     o.scaling.resources_per_worker.gpus = j.value("gpus_per_worker", 0.0);
     o.run.name = stored.name;

@@ -38,6 +38,14 @@ std::string storage_root(const std::string& storage_path);
 /// e.g. "TorchTrainer_2026-12-02_05-40-12_a3f0".
 std::string timestamped_name(const std::string& prefix);
 
+/// A Config as a JSON object (how run.json stores train_loop_config, and how a worker
+/// process receives it).
+std::string config_to_json(const Config& config);
+
+/// The Config of `config_to_json`; throws `Error(invalid_argument)` for text that is not
+/// a JSON object of scalars.
+Config config_from_json(const std::string& text);
+
 /// Writes run.json of `dir` (atomically).
 void write_run_file(const std::string& dir, const std::string& name,
                     const TorchTrainerOptions& options);

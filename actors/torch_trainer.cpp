@@ -17,6 +17,7 @@
 #include "actors/run_files.hpp"
 #include "actors/trainer_actor.hpp"
 #include "actors/worker.hpp"
+#include "actors/worker_process.hpp"
 #include "checkpoint/checkpoint_manager.hpp"
 #include "checkpoint/files.hpp"
 #include "core/error.hpp"
@@ -113,7 +114,9 @@ std::string resolve_backend(const TorchTrainerOptions& o) {
   auto& b = o.torch_config.backend;
   if (b != "auto")
     return b;
-  return o.scaling.use_gpu ? "nccl" : "local";
+  if (o.scaling.use_gpu)
+    return "nccl";
+  return o.scaling.worker_mode == "process" ? "gloo" : "local";
 }
 
 void validate(const TorchTrainerOptions& o) {
@@ -129,6 +132,13 @@ void validate(const TorchTrainerOptions& o) {
   if (b == "local" && s.use_gpu)
     refuse(Errc::invalid_config, "TorchConfig.backend \"local\" reduces CPU tensors; GPU "
                                  "workers use \"nccl\" (or \"auto\")");
+  if (s.worker_mode != "thread" && s.worker_mode != "process")
+    refuse(Errc::invalid_config, "ScalingConfig.worker_mode '" + s.worker_mode +
+                                   "' is unknown; use \"thread\" (workers are threads of this "
+                                   "process) or \"process\" (each worker its own process)");
+  if (b == "local" && s.worker_mode == "process")
+    refuse(Errc::invalid_config, "TorchConfig.backend \"local\" joins threads of one process; "
+                                 "worker processes use \"gloo\" (or \"auto\")");
   if (s.num_workers < 1)
     refuse(Errc::invalid_config, "ScalingConfig.num_workers is " + std::to_string(s.num_workers) +
                                    "; a run needs at least 1 worker");
@@ -182,7 +192,10 @@ void validate(const TorchTrainerOptions& o) {
 
 TorchTrainer::TorchTrainer(caf::actor_system& system, std::shared_ptr<RunSpec> spec)
   : system_(&system), spec_(std::move(spec)) {
-  actor_ = system.spawn(trainer_actor, spec_);
+  if (spec_->options.scaling.worker_mode == "process")
+    spec_->job = detail::next_job();
+  if (!is_worker_process())
+    actor_ = system.spawn(trainer_actor, spec_);
 }
 
 namespace {
@@ -204,14 +217,40 @@ std::shared_ptr<RunSpec> make_run_spec(TrainFunc train_func, TorchTrainerOptions
 
 } // namespace
 
+namespace {
+
+/// In a worker process: the trainer's spec as the program built it (its train function
+/// and options), with no run directory touched; the run's own come from the driver.
+std::shared_ptr<RunSpec> worker_process_spec(TrainFunc train_func, TorchTrainerOptions options) {
+  if (!train_func)
+    refuse(Errc::invalid_config, "train_func is empty");
+  auto spec = std::make_shared<RunSpec>();
+  spec->train_func = std::move(train_func);
+  spec->name = options.run.name;
+  spec->options = std::move(options);
+  return spec;
+}
+
+} // namespace
+
 TorchTrainer::TorchTrainer(caf::actor_system& system, TrainFunc train_func,
                            TorchTrainerOptions options)
-  : system_(&system), spec_(make_run_spec(std::move(train_func), std::move(options))) {
-  actor_ = system.spawn(trainer_actor, spec_);
+  : system_(&system),
+    spec_(is_worker_process() ? worker_process_spec(std::move(train_func), std::move(options))
+                              : make_run_spec(std::move(train_func), std::move(options))) {
+  if (spec_->options.scaling.worker_mode == "process")
+    spec_->job = detail::next_job();
+  if (!is_worker_process())
+    actor_ = system.spawn(trainer_actor, spec_);
 }
 
 PlacedRun spawn_placed_run(caf::actor_system& system, TrainFunc train_func,
                            TorchTrainerOptions options, Placement placement) {
+  if (options.scaling.worker_mode == "process")
+    refuse(Errc::invalid_config, "a Tuner's trials run their workers as threads (worker "
+                                 "processes find their job by the TorchTrainer the program "
+                                 "constructs, which a trial has not); set "
+                                 "ScalingConfig.worker_mode = \"thread\"");
   auto spec = make_run_spec(std::move(train_func), std::move(options));
   if (placement.bundles.size() != static_cast<size_t>(spec->options.scaling.num_workers))
     refuse(Errc::invalid_argument, "the placement holds " + std::to_string(placement.bundles.size()) +
@@ -271,9 +310,31 @@ TorchTrainer TorchTrainer::restore(caf::actor_system& system, const std::string&
   return TorchTrainer(system, std::move(spec));
 }
 
+namespace {
+
+/// What an inert TorchTrainer of a worker process (not the one it was started for)
+/// returns.
+Result skipped_in_worker_process(const RunSpec& spec) {
+  auto& env = *detail::worker_process_env();
+  Result r;
+  r.error = RunError{Errc::cancelled,
+                     "this process is a worker process of run '" + env.run_name +
+                       "' (process-mode TorchTrainer #" + std::to_string(env.job) +
+                       " of the program); no other TorchTrainer runs here"};
+  return r;
+}
+
+} // namespace
+
 Result TorchTrainer::fit() {
   if (result_)
     return *result_;
+  if (is_worker_process()) {
+    if (detail::is_my_job(*spec_))
+      detail::run_worker_process(*system_, *spec_);
+    result_ = skipped_in_worker_process(*spec_);
+    return *result_;
+  }
   caf::scoped_actor self{*system_};
   Result result;
   self->request(actor_, caf::infinite, fit_atom::value)
@@ -297,6 +358,11 @@ Result TorchTrainer::fit() {
 }
 
 caf::actor TorchTrainer::start() {
+  if (is_worker_process()) {
+    if (detail::is_my_job(*spec_))
+      detail::run_worker_process(*system_, *spec_);
+    return actor_; // none: this trainer does not run here
+  }
   caf::anon_send(actor_, start_atom::value);
   return actor_;
 }

@@ -1,16 +1,21 @@
 #include "actors/trainer_actor.hpp"
+#include "actors/process_launcher.hpp"
 #include "actors/run_files.hpp"
 #include "actors/subscribers.hpp"
 #include "actors/torch_trainer.hpp"
+#include "actors/worker_process.hpp"
 
 #include <chrono>
 #include <cmath>
 #include <iomanip>
+#include <random>
+#include <unistd.h>
 #include <filesystem>
 #include <sstream>
 #include <thread>
 
 #include <caf/all.hpp>
+#include <caf/io/all.hpp>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
@@ -106,6 +111,83 @@ void fail_waiters(Self self, const caf::error& err);
 
 void announce_result(Self self);
 
+// -- worker processes ----------------------------------------------------------------------
+
+bool process_mode(Self self) {
+  return self->state.spec->options.scaling.worker_mode == "process";
+}
+
+/// Publishes the run's hub, where its worker processes connect (127.0.0.1: the workers
+/// of this slice run on this machine). False, with the run ended, when it cannot.
+bool open_hub(Self self) {
+  auto& st = self->state;
+  st.hub = self->spawn<caf::linked>(hub_actor);
+  auto port = self->system().middleman().publish(st.hub, 0, "127.0.0.1");
+  if (!port) {
+    st.error = RunError{Errc::unavailable, "cannot open the port worker processes connect to: " +
+                                             self->system().render(port.error())};
+    return false;
+  }
+  st.hub_port = *port;
+  return true;
+}
+
+void close_hub(Self self) {
+  auto& st = self->state;
+  if (!st.hub)
+    return;
+  if (st.hub_port != 0)
+    self->system().middleman().unpublish(st.hub, st.hub_port);
+  self->unlink_from(st.hub);
+  self->send_exit(st.hub, caf::exit_reason::user_shutdown);
+  st.hub = nullptr;
+  st.hub_port = 0;
+}
+
+std::string random_key() {
+  std::random_device rd;
+  std::string key;
+  static const char* hex = "0123456789abcdef";
+  for (int i = 0; i < 32; ++i)
+    key += hex[rd() % 16];
+  return key;
+}
+
+/// The launcher of rank `ws.context.world_rank` as a worker process: its command line
+/// and environment (torch's variables, as torchrun sets them, and the hub's address).
+LauncherSpec launcher_spec(Self self, WorkerSpec ws) {
+  auto& st = self->state;
+  auto& ctx = ws.context;
+  auto& scaling = st.spec->options.scaling;
+  LauncherSpec ls;
+  ls.hub = st.hub;
+  ls.key = random_key() + "-r" + std::to_string(ctx.world_rank) + "-a" + std::to_string(ctx.attempt);
+  ls.argv = worker_command();
+  auto host = std::string("127.0.0.1");
+  auto port = std::to_string(st.hub_port);
+  ls.env = {
+    {"CAFTRAIN_WORKER_HUB", host + ":" + port},
+    {"CAFTRAIN_WORKER_KEY", ls.key},
+    {"CAFTRAIN_WORKER_RUN", st.spec->name},
+    {"CAFTRAIN_WORKER_JOB", std::to_string(st.spec->job)},
+    {"CAFTRAIN_WORKER_PARENT", std::to_string(::getpid())},
+    {"RANK", std::to_string(ctx.world_rank)},
+    {"LOCAL_RANK", std::to_string(ctx.local_rank)},
+    {"WORLD_SIZE", std::to_string(ctx.world_size)},
+    {"LOCAL_WORLD_SIZE", std::to_string(ctx.local_world_size)},
+    {"NODE_RANK", std::to_string(ctx.node_rank)},
+    {"MASTER_ADDR", host},
+    {"MASTER_PORT", port},
+    // A CPU worker sees no GPU (as Ray sets it); a GPU worker sees its own as cuda:0.
+    {"CUDA_VISIBLE_DEVICES", scaling.use_gpu ? std::to_string(ctx.local_rank) : ""},
+    {"OMP_NUM_THREADS", std::to_string(ctx.num_threads)},
+  };
+  if (scaling.use_gpu)
+    ctx.device = "cuda:0";
+  ls.worker = std::move(ws);
+  return ls;
+}
+
 void finish(Self self) {
   auto& st = self->state;
   if (st.result)
@@ -119,6 +201,7 @@ void finish(Self self) {
     self->send(st.pool, pool_release_atom::value, st.placement->id);
   }
   st.placement.reset();
+  close_hub(self);
   auto r = build_result(self);
   st.result = r;
   for (auto& w : st.workers) {
@@ -246,7 +329,10 @@ void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest)
     ctx.run_name = st.spec->name;
     ctx.run_dir = st.spec->dir;
     ctx.attempt = attempt;
-    st.workers.push_back(self->spawn<caf::monitored>(worker_actor, std::move(ws)));
+    if (process_mode(self))
+      st.workers.push_back(self->spawn<caf::monitored>(launcher_actor, launcher_spec(self, std::move(ws))));
+    else
+      st.workers.push_back(self->spawn<caf::monitored>(worker_actor, std::move(ws)));
     st.running.insert(rank);
   }
   spdlog::debug("caftrain: run {} attempt {} started {} workers", st.spec->name, attempt, n);
@@ -316,7 +402,12 @@ void stop_attempt(Self self, AfterStop after, const std::string& reason) {
     self->send_exit(w, make_caf_error(Errc::cancelled, reason));
   if (st.running.empty())
     return complete_stop(self);
-  self->delayed_send(self, run_config(self).stop_grace, grace_atom::value, st.attempt);
+  // Launchers kill their processes after stop_grace and report each end: the trainer's
+  // own timer is only the backstop there.
+  auto grace = run_config(self).stop_grace;
+  if (process_mode(self))
+    grace += std::chrono::seconds(5);
+  self->delayed_send(self, grace, grace_atom::value, st.attempt);
 }
 
 /// How telling a failure is about its cause: a rank whose collective was aborted because
@@ -643,6 +734,10 @@ void start(Self self) {
   // not fit beside the others waits ("pending", with the reason), one that can never fit
   // ends with the pool's explanation.
   st.pool = local_pool(self->system());
+  if (process_mode(self) && !open_hub(self)) {
+    st.attempt = 0;
+    return finish(self);
+  }
   if (st.spec->placement) {
     auto given = *st.spec->placement;
     return placed(self, given);

@@ -61,6 +61,10 @@ struct TrainerState {
   std::string waiting_reason;
   /// The granted bundles; released when the run ends.
   std::optional<Placement> placement;
+  // -- worker processes (ScalingConfig.worker_mode "process") --
+  /// The run's hub, where its worker processes connect (published on `hub_port`).
+  caf::actor hub;
+  uint16_t hub_port = 0;
   // -- rendezvous store --
   std::map<std::string, std::vector<char>> store;
   std::map<std::string, std::vector<caf::response_promise>> waiting;

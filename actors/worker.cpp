@@ -1,10 +1,15 @@
 #include "actors/worker.hpp"
 
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <cstdlib>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <list>
 #include <mutex>
@@ -14,6 +19,7 @@
 #include <torch/torch.h>
 
 #include "actors/messages.hpp"
+#include "actors/process_launcher.hpp"
 #include "actors/torch_trainer.hpp"
 #include "core/error.hpp"
 #include "environment/actor_store.hpp"
@@ -25,6 +31,44 @@
 #include "train/session.hpp"
 
 namespace caftrain {
+
+namespace {
+
+/// The address this machine's gloo ranks bind and advertise, configured per machine as
+/// PyTorch does it: GLOO_SOCKET_IFNAME names an interface (its first IPv4 address is
+/// used), else CAFTRAIN_GLOO_HOSTNAME an address or host name; default 127.0.0.1 (every
+/// rank on this machine).
+std::string gloo_address() {
+  if (const char* name = std::getenv("GLOO_SOCKET_IFNAME"); name && *name) {
+    std::string ifname(name);
+    ifaddrs* list = nullptr;
+    if (::getifaddrs(&list) != 0)
+      throw Error(Errc::unavailable, std::string("GLOO_SOCKET_IFNAME: cannot list interfaces: ") +
+                                       std::strerror(errno));
+    std::string found, names;
+    for (auto* i = list; i; i = i->ifa_next) {
+      if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET)
+        continue;
+      names += (names.empty() ? "" : ", ") + std::string(i->ifa_name);
+      if (ifname == i->ifa_name && found.empty()) {
+        char text[INET_ADDRSTRLEN] = {0};
+        ::inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr, text, sizeof(text));
+        found = text;
+      }
+    }
+    ::freeifaddrs(list);
+    if (found.empty())
+      throw Error(Errc::invalid_config, "GLOO_SOCKET_IFNAME '" + ifname +
+                                          "' is no interface with an IPv4 address on this machine; "
+                                          "those with one: " + names);
+    return found;
+  }
+  if (const char* host = std::getenv("CAFTRAIN_GLOO_HOSTNAME"); host && *host)
+    return host;
+  return "127.0.0.1";
+}
+
+} // namespace
 
 // -- the session a training thread talks to ------------------------------------------------
 
@@ -224,6 +268,7 @@ class ActorSession : public Session {
       // TORCH_DISTRIBUTED_DEBUG turns its own on): for measuring what it costs.
       if (const char* check = std::getenv("CAFTRAIN_GLOO_CHECK_SIGNATURES"))
         options.check_signatures = std::string(check) != "0";
+      options.hostname = gloo_address();
       comm = GlooCommunicator::create(store, static_cast<int>(ctx.world_rank),
                                       static_cast<int>(ctx.world_size), options);
     }
@@ -369,12 +414,14 @@ std::string first_line(const std::string& text) {
 void train_thread(std::shared_ptr<ActorSession> session, std::shared_ptr<std::atomic<bool>> done) {
   WorkerExit exit;
   caf::actor trainer;
+  std::function<void(const WorkerExit&)> on_exit;
   {
     auto& spec = session->spec();
     auto& ctx = spec.context;
     exit.rank = ctx.world_rank;
     exit.attempt = ctx.attempt;
     trainer = spec.trainer;
+    on_exit = spec.on_exit;
     // Named, rather than inheriting the name of the CAF thread that started it.
     pthread_setname_np(pthread_self(), ("caftrain.rank" + std::to_string(ctx.world_rank)).substr(0, 15).c_str());
     ScopedWorker scope(session.get());
@@ -399,7 +446,10 @@ void train_thread(std::shared_ptr<ActorSession> session, std::shared_ptr<std::at
     }
     // Tell the trainer first, so that the cause of a failure reaches it before the
     // aborts its peers see once this rank's communicator closes.
-    caf::anon_send(trainer, worker_exit_atom::value, exit);
+    if (on_exit)
+      on_exit(exit);
+    else
+      caf::anon_send(trainer, worker_exit_atom::value, exit);
     session->close_communicator(); // wakes peers still waiting on this rank
     try {
       session->flush(); // a background report still in flight ends once the trainer stops it
@@ -433,6 +483,8 @@ caf::behavior worker_actor(caf::stateful_actor<WorkerState>* self, WorkerSpec sp
       auto& s = *self->state.session;
       if (done->load())
         return;
+      if (auto& watchdog = s.spec().watchdog)
+        self->send(watchdog, alive_atom::value);
       auto silent = s.since_heartbeat();
       if (silent > heartbeat) {
         auto& ctx = s.context();

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -18,6 +19,7 @@
 namespace caftrain {
 
 class ActorSession;
+struct WorkerExit;
 
 /// What one run shares with all its workers (stays in this process).
 struct RunSpec {
@@ -34,6 +36,10 @@ struct RunSpec {
   /// own latest checkpoint, until it has checkpointed anew: a Tuner's PBT exploit, which
   /// restarts a trial from another trial's checkpoint. Default false: its own latest wins.
   bool prefer_initial_checkpoint = false;
+  /// Which TorchTrainer of the program this run is: the n-th constructed with
+  /// worker_mode "process" (see worker_process.hpp); a worker process started for the
+  /// run runs its rank at the trainer of the same number. -1 for thread workers.
+  int64_t job = -1;
 };
 
 /// What a worker actor needs to start its rank.
@@ -49,6 +55,12 @@ struct WorkerSpec {
   /// The attempt's communicator when the trainer made it (local backend); otherwise the
   /// worker rendezvouses a gloo communicator through the trainer's store.
   std::shared_ptr<Communicator> communicator;
+  /// Where the end of the rank goes: unset (default) sends `(worker_exit_atom,
+  /// WorkerExit)` to `trainer`; a worker process hands it to its launcher instead.
+  std::function<void(const WorkerExit&)> on_exit;
+  /// Receives `(alive_atom)` at every heartbeat check of the worker actor: the launcher
+  /// of a worker process, which declares a silent process hung. Default none.
+  caf::actor watchdog;
 };
 
 struct WorkerState {

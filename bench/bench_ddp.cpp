@@ -8,6 +8,8 @@
 // random batches of Fashion-MNIST; prints samples/s of both and the ratio of the medians.
 // With --scaling it also runs caftrain on one worker: efficiency = samples/s(N) / (N *
 // samples/s(1)). --backend gloo|local picks the process group (default auto = local).
+// With --processes it also runs caftrain with worker processes (gloo; this program started
+// again per rank) and prints their samples/s against thread workers and the anchor.
 #include <torch/torch.h>
 
 #include <caf/all.hpp>
@@ -38,6 +40,7 @@ struct Flags {
   int64_t warmup = 3;
   int64_t repeats = 3;
   bool scaling = false;
+  bool processes = false;
   std::string backend = "auto";
   std::string anchor = "../shared/anchors/torch_ddp_baseline.py";
 };
@@ -90,17 +93,21 @@ void train_func(const caftrain::Config& c) {
                            {"step_ms", 1e3 * timer->seconds / static_cast<double>(steps)}});
 }
 
-double run_ours(caf::actor_system& sys, const Flags& f, int64_t workers) {
+double run_ours(caf::actor_system& sys, const Flags& f, int64_t workers,
+                const std::string& mode = "thread") {
   caftrain::TorchTrainerOptions o;
   o.train_loop_config = {{"model", f.model},  {"batch", f.batch}, {"steps", f.steps},
                          {"warmup", f.warmup}};
-  o.torch_config.backend = f.backend;
+  o.torch_config.backend = mode == "process" && f.backend == "local" ? "gloo" : f.backend;
   o.scaling.num_workers = workers;
+  o.scaling.worker_mode = mode;
   o.scaling.resources_per_worker.cpus = static_cast<double>(f.threads);
   o.run.storage_path = "/tmp/caftrain_bench";
   o.run.name = "ddp_" + f.model + "_" + std::to_string(::getpid()) + "_" +
                std::to_string(std::chrono::steady_clock::now().time_since_epoch().count());
   auto result = caftrain::TorchTrainer(sys, train_func, o).fit();
+  if (caftrain::is_worker_process())
+    return 0; // a worker process of a later run passes this one by
   if (!result.ok())
     throw std::runtime_error(result.error->message);
   return result.metrics.at("samples_per_s");
@@ -144,6 +151,8 @@ Flags parse(int argc, char** argv) {
       f.backend = next();
     else if (a == "--scaling")
       f.scaling = true;
+    else if (a == "--processes")
+      f.processes = true;
     else {
       std::cerr << "unknown flag " << a << "\n";
       std::exit(2);
@@ -159,12 +168,21 @@ int main(int argc, char** argv) {
   caf::actor_system_config cfg;
   caftrain::init(cfg);
   caf::actor_system sys{cfg};
-  std::vector<double> anchor, ours, single;
+  std::vector<double> anchor, ours, single, processes;
   for (int64_t r = 0; r < f.repeats; ++r) {
-    anchor.push_back(run_anchor(f));
+    // Worker processes run this program up to their run: they do not time the anchor.
+    anchor.push_back(caftrain::is_worker_process() ? 0 : run_anchor(f));
     ours.push_back(run_ours(sys, f, f.workers));
     if (f.scaling)
       single.push_back(run_ours(sys, f, 1));
+    if (f.processes)
+      processes.push_back(run_ours(sys, f, f.workers, "process"));
+    if (caftrain::is_worker_process())
+      continue; // on its way to its own repeat
+    if (f.processes) {
+      std::printf("repeat %lld: caftrain worker processes %.1f samples/s\n",
+                  static_cast<long long>(r), processes.back());
+    }
     std::printf("repeat %lld: anchor %.1f samples/s, caftrain %.1f samples/s%s\n",
                 static_cast<long long>(r), anchor.back(), ours.back(),
                 f.scaling ? (", caftrain 1 worker " + std::to_string(single.back())).c_str() : "");
@@ -180,6 +198,11 @@ int main(int argc, char** argv) {
   std::printf("median samples/s: anchor (PyTorch DDP) %.1f, caftrain %.1f\n", median(anchor),
               median(ours));
   std::printf("ratio caftrain/anchor: %.3f\n", median(ours) / median(anchor));
+  if (f.processes)
+    std::printf("median samples/s: worker processes %.1f; ratio processes/threads: %.3f, "
+                "processes/anchor: %.3f\n",
+                median(processes), median(processes) / median(ours),
+                median(processes) / median(anchor));
   if (f.scaling)
     std::printf("scaling efficiency (%lld workers vs %lld x 1 worker): %.3f\n",
                 static_cast<long long>(f.workers), static_cast<long long>(f.workers),

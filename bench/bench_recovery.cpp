@@ -11,8 +11,15 @@
 // training step (rank 0). Prints every repeat, the phases of the median one, the median,
 // the undisturbed step time measured in the same runs, and the ratio against the target.
 // No Ray is installed here to measure its own restart time, hence a fixed 1 s anchor.
+//
+//   build/bench/bench_recovery --processes --repeats 5
+//
+// runs the workers as processes (this program started again per rank, gloo) and the
+// failure is a SIGKILL of rank 1's process, as the OOM killer sends it; the workers stamp
+// their moments into a file (steady_clock is one clock for every process of a machine).
 #include <torch/torch.h>
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <caf/all.hpp>
@@ -21,6 +28,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <mutex>
@@ -46,6 +54,7 @@ struct Flags {
   int64_t checkpoint_every = 10;
   int64_t steps_after = 5;
   int64_t repeats = 5;
+  bool processes = false;
   std::string dir = "/tmp/caftrain_bench";
 };
 
@@ -55,13 +64,35 @@ class Marks {
  public:
   void stamp(const std::string& name) {
     auto now = Clock::now();
+    if (!file_.empty())
+      return append(name + " " + std::to_string(now.time_since_epoch().count()));
     std::lock_guard<std::mutex> guard(mtx_);
     marks_.emplace(name, now);
   }
 
   void add_step(double ms) {
+    if (!file_.empty())
+      return append("step " + std::to_string(ms));
     std::lock_guard<std::mutex> guard(mtx_);
     steps_.push_back(ms);
+  }
+
+  /// In a worker process: stamps go to `file` (one line each, appended), for the driver.
+  void write_to(std::string file) {
+    file_ = std::move(file);
+  }
+
+  /// In the driver: takes the stamps the worker processes wrote to `file`.
+  void read(const std::string& file) {
+    std::ifstream in(file);
+    std::string name;
+    std::lock_guard<std::mutex> guard(mtx_);
+    for (std::string value; in >> name >> value;) {
+      if (name == "step")
+        steps_.push_back(std::stod(value));
+      else
+        marks_.emplace(name, Clock::time_point(Clock::duration(std::stoll(value))));
+    }
   }
 
   /// Milliseconds from mark `from` to mark `to`; throws when one is missing.
@@ -85,12 +116,18 @@ class Marks {
   }
 
  private:
+  void append(const std::string& line) {
+    std::lock_guard<std::mutex> guard(mtx_);
+    std::ofstream(file_, std::ios::app) << line << "\n" << std::flush;
+  }
+
+  std::string file_;
   mutable std::mutex mtx_;
   std::map<std::string, Clock::time_point> marks_;
   std::vector<double> steps_;
 };
 
-/// Workers are threads of this process: they stamp one shared object.
+/// Thread workers stamp one shared object; worker processes their own, into a file.
 Marks& marks() {
   static Marks instance;
   return instance;
@@ -131,6 +168,8 @@ class Probe : public caftrain::Callback {
     auto& ctx = caftrain::train::get_context();
     if (ctx.attempt == 0 && ctx.world_rank == rank_ && t.global_step() == step_) {
       marks().stamp("throw");
+      if (caftrain::is_worker_process())
+        ::raise(SIGKILL); // the process dies as the OOM killer ends it
       throw std::runtime_error("injected failure");
     }
     start_ = Clock::now();
@@ -158,6 +197,8 @@ class Probe : public caftrain::Callback {
 };
 
 void train_func(const caftrain::Config& c) {
+  if (caftrain::is_worker_process())
+    marks().write_to(c.get<std::string>("marks"));
   auto& ctx = caftrain::train::get_context();
   bool watching = ctx.attempt == 1 && ctx.world_rank == 0;
   if (watching)
@@ -202,13 +243,20 @@ Sample run_once(caf::actor_system& sys, const Flags& f, int64_t repeat) {
                          {"checkpoint_every", f.checkpoint_every},
                          {"steps", f.fail_step + f.steps_after}};
   o.scaling.num_workers = f.workers;
+  o.scaling.worker_mode = f.processes ? "process" : "thread";
   o.run.storage_path = f.dir;
   o.run.name = "recovery_" + std::to_string(::getpid()) + "_" + std::to_string(repeat);
   o.run.failure.max_failures = 1;
   o.run.callbacks = {std::make_shared<FailureStamp>()};
+  auto marks_file = f.dir + "/" + o.run.name + ".marks";
+  o.train_loop_config.set("marks", marks_file);
   auto result = caftrain::TorchTrainer(sys, train_func, o).fit();
+  if (caftrain::is_worker_process())
+    return {}; // a worker process of a later repeat passes this one by
+  marks().read(marks_file);
   std::error_code ec;
   std::filesystem::remove_all(result.path, ec);
+  std::filesystem::remove(marks_file, ec);
   if (!result.ok())
     throw std::runtime_error("the run failed: " + result.error->message);
   if (result.attempts != 2)
@@ -241,10 +289,12 @@ Flags parse(int argc, char** argv) {
       f.repeats = std::stoll(next());
     else if (a == "--dir")
       f.dir = next();
+    else if (a == "--processes")
+      f.processes = true;
     else {
       std::cerr << "unknown flag " << a << "\n"
                 << "flags: --workers N --batch N --fail-step N --checkpoint-every N --repeats N "
-                   "--dir DIR\n";
+                   "--dir DIR --processes\n";
       std::exit(2);
     }
   }
@@ -266,6 +316,8 @@ int main(int argc, char** argv) {
   std::vector<double> recoveries, steps;
   for (int64_t r = 0; r < f.repeats; ++r) {
     samples.push_back(run_once(sys, f, r));
+    if (caftrain::is_worker_process())
+      continue; // on its way to its own repeat
     recoveries.push_back(samples.back().recovery_ms);
     auto s = marks().steps();
     steps.insert(steps.end(), s.begin(), s.end());
@@ -276,10 +328,12 @@ int main(int argc, char** argv) {
   auto& typical = *std::min_element(samples.begin(), samples.end(), [&](auto& a, auto& b) {
     return std::abs(a.recovery_ms - med) < std::abs(b.recovery_ms - med);
   });
-  std::printf("workers=%lld model=mlp batch=%lld checkpoint every %lld steps, failure before step "
-              "%lld (resumes from step %lld)\n",
-              static_cast<long long>(f.workers), static_cast<long long>(f.batch),
-              static_cast<long long>(f.checkpoint_every), static_cast<long long>(f.fail_step + 1),
+  std::printf("workers=%lld (%s) model=mlp batch=%lld checkpoint every %lld steps, failure (%s) "
+              "before step %lld (resumes from step %lld)\n",
+              static_cast<long long>(f.workers), f.processes ? "processes" : "threads", static_cast<long long>(f.batch),
+              static_cast<long long>(f.checkpoint_every),
+              f.processes ? "SIGKILL of rank 1's process" : "rank 1 throws",
+              static_cast<long long>(f.fail_step + 1),
               static_cast<long long>(f.fail_step / f.checkpoint_every * f.checkpoint_every));
   std::printf("phases of the median repeat (rank 0 of the new attempt):\n");
   for (auto& [name, ms] : typical.phases)

@@ -4,6 +4,7 @@ set(CAFTRAIN_SOURCES
   core/config.cpp
   core/error.cpp
   core/metrics_json.cpp
+  core/subprocess.cpp
   # data: IDX readers, datasets, samplers, loaders
   data/dataset.cpp
   data/fashion_mnist.cpp
@@ -57,12 +58,14 @@ set(CAFTRAIN_SOURCES
   # actors: the trainer, its workers, messages, and the TorchTrainer façade
   actors/messages.cpp
   actors/pool_actor.cpp
+  actors/process_launcher.cpp
   actors/resource_pool.cpp
   actors/result.cpp
   actors/run_files.cpp
   actors/torch_trainer.cpp
   actors/trainer_actor.cpp
   actors/worker.cpp
+  actors/worker_process.cpp
   # tune: search spaces, searchers and trial schedulers (no torch, no CAF)
   tune/async_hyperband_scheduler.cpp
   tune/basic_variant_generator.cpp

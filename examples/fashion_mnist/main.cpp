@@ -6,6 +6,7 @@
 //   build/examples/fashion_mnist --workers 2 --strategy fsdp   # RayFSDPStrategy's counterpart
 //   build/examples/fashion_mnist --workers 2 --strategy zero_stage_2 # RayDeepSpeedStrategy's
 //   build/examples/fashion_mnist --workers 1 --gpu  # on a CUDA GPU over NCCL (GPU builds)
+//   build/examples/fashion_mnist --workers 2 --processes # each worker its own process (gloo)
 //
 // By default 1 epoch of 100 batches (per worker) and 20 validation batches, which take a
 // few minutes on 2 cores. Prints the progress bar of rank 0, the reported metrics, and at
@@ -80,6 +81,7 @@ struct Flags {
   std::string output = "runs/fashion_mnist";
   std::string strategy = "ddp";
   bool gpu = false;
+  bool processes = false;
 };
 
 [[noreturn]] void usage(const std::string& problem) {
@@ -88,7 +90,8 @@ struct Flags {
             << "       --limit-train-batches N  --limit-val-batches N  --batch-size N\n"
             << "       --threads N (default: all cores)  --full  --data DIR  --output DIR\n"
             << "       --strategy ddp|zero_stage_1|zero_stage_2|fsdp (with --workers; default ddp)\n"
-            << "       --gpu (workers on CUDA GPUs, NCCL; with --workers)\n";
+            << "       --gpu (workers on CUDA GPUs, NCCL; with --workers)\n"
+            << "       --processes (each worker its own process of this program; with --workers)\n";
   std::exit(2);
 }
 
@@ -131,6 +134,8 @@ Flags parse(int argc, char** argv) {
       f.strategy = value();
     else if (a == "--gpu")
       f.gpu = true;
+    else if (a == "--processes")
+      f.processes = true;
     else
       usage("unknown flag " + a);
   }
@@ -211,7 +216,9 @@ int run_distributed(const Flags& flags) {
                            {"batch_size", flags.batch_size},
                            {"output", flags.output},
                            {"strategy", flags.strategy}},
-     .scaling = {.num_workers = flags.workers, .use_gpu = flags.gpu},
+     .scaling = {.num_workers = flags.workers,
+                 .use_gpu = flags.gpu,
+                 .worker_mode = flags.processes ? "process" : "thread"},
      .run = {.name = "fashion_mnist_" + std::to_string(::getpid()),
              .storage_path = flags.output,
              .failure = {.max_failures = 3},
@@ -239,8 +246,8 @@ int main(int argc, char** argv) {
   auto flags = parse(argc, argv);
   if (flags.workers < 0)
     usage("--workers must be 0 (this process) or more");
-  if (flags.workers == 0 && (flags.strategy != "ddp" || flags.gpu))
-    usage("--strategy and --gpu choose how workers train; add --workers N");
+  if (flags.workers == 0 && (flags.strategy != "ddp" || flags.gpu || flags.processes))
+    usage("--strategy, --gpu and --processes choose how workers train; add --workers N");
   // libtorch may default to fewer threads than cores; use them all unless told otherwise.
   // (Workers of a TorchTrainer set their own share: cores / workers.)
   torch::set_num_threads(flags.threads > 0 ? static_cast<int>(flags.threads)

@@ -1,0 +1,128 @@
+// The driver's side of worker processes: a hub per run where they connect, and a
+// launcher actor per rank that starts its process, stands for it before the trainer
+// actor (as a worker actor does for a thread), and turns its death or silence into a
+// failure.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <caf/actor.hpp>
+#include <caf/stateful_actor.hpp>
+
+#include "actors/messages.hpp"
+#include "actors/worker.hpp"
+
+namespace caftrain {
+
+// -- messages between a worker process and its launcher ----------------------------------
+
+/// (hello_atom, key) -> ProcessAssignment: a worker process asks the hub what to run;
+/// the hub hands the request to the launcher registered under the key.
+using hello_atom = caf::atom_constant<caf::atom("wphello")>;
+/// (started_atom, actor): the worker process's worker actor runs (the launcher stops the
+/// rank through it).
+using started_atom = caf::atom_constant<caf::atom("wpstarted")>;
+/// (alive_atom): the worker process's heartbeat to its launcher.
+using alive_atom = caf::atom_constant<caf::atom("wpalive")>;
+/// (hub_register_atom, key, launcher) / (hub_unregister_atom, key): internal to the hub.
+using hub_register_atom = caf::atom_constant<caf::atom("wpreg")>;
+using hub_unregister_atom = caf::atom_constant<caf::atom("wpunreg")>;
+/// (reaped_atom, wait status): internal; the launcher's child ended.
+using reaped_atom = caf::atom_constant<caf::atom("wpreaped")>;
+/// (kill_atom): internal; the stop grace period of the launcher's child is over.
+using kill_atom = caf::atom_constant<caf::atom("wpkill")>;
+/// (check_atom): internal; the launcher looks at its child's heartbeat and hello.
+using check_atom = caf::atom_constant<caf::atom("wpcheck")>;
+
+/// What a worker process runs: its rank's context and start, and the run it belongs to.
+struct ProcessAssignment {
+  WorkerContext context;
+  /// The run's trainer actor (reports, rendezvous store, heartbeat).
+  caf::actor trainer;
+  /// The launcher, which takes the rank's WorkerExit.
+  caf::actor launcher;
+  std::optional<Checkpoint> checkpoint;
+  int64_t first_report_index = 0;
+  /// The run's train_loop_config (JSON): the driver's, which a Tuner may have sampled.
+  std::string train_loop_config;
+  /// The resolved backend ("gloo" or "nccl") and the run's timeouts, in milliseconds.
+  std::string backend;
+  int64_t report_timeout_ms = 0;
+  int64_t collective_timeout_ms = 0;
+  int64_t heartbeat_timeout_ms = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, WorkerContext& x) {
+  return f(caf::meta::type_name("WorkerContext"), x.world_rank, x.local_rank, x.node_rank,
+           x.world_size, x.local_world_size, x.device, x.num_threads, x.run_name, x.run_dir,
+           x.attempt, x.trial_name);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, ProcessAssignment& x) {
+  return f(caf::meta::type_name("ProcessAssignment"), x.context, x.trainer, x.launcher,
+           x.checkpoint, x.first_report_index, x.train_loop_config, x.backend,
+           x.report_timeout_ms, x.collective_timeout_ms, x.heartbeat_timeout_ms);
+}
+
+/// Registers the worker-process messages (from `caftrain::init`).
+void add_worker_process_message_types(caf::actor_system_config& cfg);
+
+// -- the hub ---------------------------------------------------------------------------------
+
+struct HubState {
+  static inline const char* name = "caftrain.hub";
+  std::map<std::string, caf::actor> launchers;
+};
+
+/// Hands each worker process's hello to the launcher of its key; refuses unknown keys
+/// (a process of an attempt that is over).
+caf::behavior hub_actor(caf::stateful_actor<HubState>* self);
+
+// -- the launcher ------------------------------------------------------------------------------
+
+/// What a launcher needs: the rank as a worker actor would get it, and how to start it.
+struct LauncherSpec {
+  WorkerSpec worker;
+  caf::actor hub;
+  /// The rank's key at the hub.
+  std::string key;
+  /// Command line and extra environment of the process (which runs this binary).
+  std::vector<std::string> argv;
+  std::map<std::string, std::string> env;
+};
+
+struct LauncherState {
+  static inline const char* name = "caftrain.launcher";
+  LauncherSpec spec;
+  pid_t pid = -1;
+  /// Waits for the child and tells the launcher (joined when the launcher ends).
+  std::shared_ptr<std::thread> reaper;
+  /// The worker actor in the child, once it runs.
+  caf::actor worker;
+  bool hello = false;
+  bool stopping = false;
+  bool killed = false;
+  std::chrono::steady_clock::time_point started;
+  std::chrono::steady_clock::time_point last_alive;
+  /// What the child said of its rank's end, before it exited.
+  std::optional<WorkerExit> exit;
+};
+
+/// Starts the rank's process and stands for it: the trainer monitors and stops the
+/// launcher as it does a worker actor. The launcher hands the trainer exactly one
+/// WorkerExit, once the process is gone: the child's own, or a failure naming how it
+/// ended (a signal, an exit status, silence past heartbeat_timeout, no hello within the
+/// collective timeout). Stopped, it asks the child to stop and kills it (SIGKILL) when
+/// it has not exited after RunConfig.stop_grace.
+caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LauncherSpec spec);
+
+} // namespace caftrain

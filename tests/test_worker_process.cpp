@@ -1,0 +1,302 @@
+// Worker processes: each rank its own process (this test binary started again for the
+// test case being run); a crash, a kill or a hang of one is a failure the run restarts
+// from, ending with the weights of an undisturbed run, and nothing is left behind.
+//
+// The code of a test case runs in every worker process too, up to the TorchTrainer the
+// process was started for (see actors/worker_process.hpp): so each case first makes all
+// its runs and checks their results only afterwards.
+#include <catch2/catch.hpp>
+
+#include <caf/all.hpp>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+
+#include "helpers.hpp"
+
+using namespace caftrain;
+using Catch::Matchers::Contains;
+
+namespace {
+
+namespace fs = std::filesystem;
+using System = test::ActorSystem;
+
+class Classifier : public LightningModule {
+ public:
+  Classifier() {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+    fc2 = register_module("fc2", torch::nn::Linear(16, 3));
+  }
+  at::Tensor training_step(const Batch& batch, int64_t) override {
+    auto loss = torch::nn::functional::cross_entropy(fc2->forward(torch::relu(fc1->forward(batch.data))),
+                                                     batch.target);
+    log("loss", loss);
+    return loss;
+  }
+  Optimizers configure_optimizers() override {
+    return {std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-2))};
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+
+/// On rank 1 of attempt 0, at global step `step`: "kill" (SIGKILL, as the OOM killer),
+/// "segv" (SIGSEGV), "abort", "hang" (sleeps without heartbeat), "freeze" (SIGSTOP: the
+/// whole process stops answering), or nothing ("").
+class Fault : public Callback {
+ public:
+  Fault(std::string kind, int64_t step) : kind_(std::move(kind)), step_(step) {}
+  void on_train_batch_start(Trainer& t, LightningModule&, const Batch&, int64_t) override {
+    auto& ctx = train::get_context();
+    if (kind_.empty() || ctx.world_rank != 1 || ctx.attempt != 0 || t.global_step() != step_)
+      return;
+    if (kind_ == "kill")
+      ::raise(SIGKILL);
+    if (kind_ == "segv")
+      ::raise(SIGSEGV);
+    if (kind_ == "abort")
+      std::abort();
+    if (kind_ == "freeze")
+      ::raise(SIGSTOP);
+    if (kind_ == "hang")
+      for (;;)
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+
+ private:
+  std::string kind_;
+  int64_t step_;
+};
+
+std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v ? v : fallback;
+}
+
+/// 2 epochs of 6 steps on each of 2 ranks, a report every step and a checkpoint every
+/// third. Each worker writes where it ran (pid, torch's variables, its context) to
+/// `<out>/a<attempt>-r<rank>`.
+void train_func(const Config& c) {
+  auto& ctx = train::get_context();
+  if (auto out = c.get<std::string>("out", ""); !out.empty()) {
+    std::ofstream f(out + "/a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank));
+    f << ::getpid() << " " << env_or("RANK", "-") << " " << env_or("LOCAL_RANK", "-") << " "
+      << env_or("WORLD_SIZE", "-") << " " << env_or("LOCAL_WORLD_SIZE", "-") << " "
+      << env_or("NODE_RANK", "-") << " " << env_or("MASTER_ADDR", "-") << " "
+      << env_or("MASTER_PORT", "-") << " [" << env_or("CUDA_VISIBLE_DEVICES", "unset") << "] "
+      << ctx.world_rank << " " << ctx.world_size << " " << ctx.local_rank << "\n";
+  }
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  auto data = std::make_shared<data::TensorDataset>(torch::randn({192, 8}, gen),
+                                                    torch::randint(0, 3, {192}, gen));
+  auto model = with_seed(0, [] { return std::make_shared<Classifier>(); });
+  Trainer trainer({.max_epochs = 2,
+                   .strategy = DDPStrategy({.broadcast_buffers = false}),
+                   .plugins = {ActorEnvironment()},
+                   .callbacks = {Fault(c.get<std::string>("fault", ""), c.get<int64_t>("fault_step", 7)),
+                                 ReportCallback({.every_n_epochs = 0, .every_n_steps = 1, .checkpoint_every = 3})},
+                   .logger = false,
+                   .enable_progress_bar = false});
+  trainer = prepare_trainer(std::move(trainer));
+  auto ckpt = train::get_checkpoint();
+  trainer.fit(model, data::DataLoader(data, {.batch_size = 16, .shuffle = true, .seed = 9}),
+              std::nullopt, ckpt ? ckpt->path() : "");
+}
+
+TorchTrainerOptions options(const test::TempDir& dir, const std::string& name, const std::string& mode,
+                            const std::string& fault = "") {
+  TorchTrainerOptions o;
+  auto out = dir / ("where-" + name);
+  o.train_loop_config = {{"fault", fault}, {"out", out}};
+  o.scaling.num_workers = 2;
+  o.scaling.worker_mode = mode;
+  o.torch_config.backend = "gloo";
+  o.run.name = name;
+  o.run.storage_path = dir.path();
+  o.run.failure.max_failures = fault.empty() ? 0 : 1;
+  o.run.stop_grace = std::chrono::seconds(2);
+  // Long enough for a rank that waits for a slow-starting peer on a loaded machine.
+  o.run.heartbeat_timeout = std::chrono::seconds(6);
+  return o;
+}
+
+Result run(caf::actor_system& sys, const TorchTrainerOptions& o) {
+  if (!is_worker_process())
+    fs::create_directories(o.train_loop_config.get<std::string>("out"));
+  return TorchTrainer(sys, train_func, o).fit();
+}
+
+void check_same_weights(const Result& a, const Result& b) {
+  REQUIRE(a.checkpoint);
+  REQUIRE(b.checkpoint);
+  auto wa = a.checkpoint->model_state_dict();
+  auto wb = b.checkpoint->model_state_dict();
+  REQUIRE(wa.size() == wb.size());
+  for (auto& item : wa) {
+    CAPTURE(item.key());
+    CHECK(torch::allclose(item.value(), wb[item.key()], 0, 1e-6));
+  }
+}
+
+/// What worker `rank` of `attempt` wrote of where it ran.
+std::vector<std::string> where(const TorchTrainerOptions& o, int attempt, int rank) {
+  std::ifstream f(o.train_loop_config.get<std::string>("out") + "/a" + std::to_string(attempt) + "-r" +
+                  std::to_string(rank));
+  std::vector<std::string> words;
+  for (std::string w; f >> w;)
+    words.push_back(w);
+  return words;
+}
+
+bool process_exists(const std::string& pid) {
+  return ::kill(static_cast<pid_t>(std::stol(pid)), 0) == 0;
+}
+
+/// Every worker process that wrote a file in `o`'s out directory is gone.
+void check_none_left(const TorchTrainerOptions& o) {
+  for (auto& entry : fs::directory_iterator(o.train_loop_config.get<std::string>("out"))) {
+    std::ifstream f(entry.path());
+    std::string pid;
+    f >> pid;
+    CAPTURE(entry.path().string(), pid);
+    CHECK_FALSE(process_exists(pid));
+  }
+}
+
+} // namespace
+
+TEST_CASE("Worker processes train as their own processes with torch's variables and end with the weights of thread workers", "[worker_process]") {
+  test::TempDir dir;
+  System s;
+  auto threads = options(dir, "threads", "thread");
+  auto processes = options(dir, "processes", "process");
+  auto by_threads = run(s.sys, threads);
+  auto by_processes = run(s.sys, processes);
+  INFO((by_processes.error ? by_processes.error->message : ""));
+  REQUIRE(by_threads.ok());
+  REQUIRE(by_processes.ok());
+  REQUIRE(by_processes.metrics_history.size() == 12);
+  check_same_weights(by_threads, by_processes);
+  auto r0 = where(processes, 0, 0), r1 = where(processes, 0, 1);
+  REQUIRE(r0.size() == 12);
+  REQUIRE(r1.size() == 12);
+  CHECK(r0[0] != std::to_string(::getpid()));
+  CHECK(r1[0] != std::to_string(::getpid()));
+  CHECK(r0[0] != r1[0]);
+  // RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE NODE_RANK MASTER_ADDR MASTER_PORT
+  // [CUDA_VISIBLE_DEVICES], then the context's world rank, world size and local rank.
+  CHECK(std::vector<std::string>(r1.begin() + 1, r1.begin() + 7) ==
+        std::vector<std::string>{"1", "1", "2", "2", "0", "127.0.0.1"});
+  CHECK(r1[8] == "[]"); // CPU workers see no GPU
+  CHECK(std::vector<std::string>(r1.begin() + 9, r1.end()) == std::vector<std::string>{"1", "2", "1"});
+  CHECK(r0[1] == "0");
+  CHECK(r0[7] == r1[7]); // one MASTER_PORT
+  // Thread workers are this process, without torch's variables.
+  auto t1 = where(threads, 0, 1);
+  REQUIRE(t1.size() == 12);
+  CHECK(t1[0] == std::to_string(::getpid()));
+  check_none_left(processes);
+}
+
+TEST_CASE("A worker process killed by SIGKILL, SIGSEGV or abort mid-run is restarted from the latest checkpoint and ends like an undisturbed run", "[worker_process]") {
+  test::TempDir dir;
+  System s;
+  auto clean_options = options(dir, "clean", "thread");
+  std::vector<std::string> kinds = {"kill", "segv", "abort"};
+  std::vector<TorchTrainerOptions> faulty_options;
+  for (auto& kind : kinds)
+    faulty_options.push_back(options(dir, kind, "process", kind));
+  // The failure is named by the launcher: rank, pid and signal.
+  std::string failure;
+  struct Listener : RunCallback {
+    std::string* out;
+    explicit Listener(std::string* out) : out(out) {}
+    void on_failure(const std::string& error, int64_t, bool) override { *out = error; }
+  };
+  auto named = options(dir, "named", "process", "segv");
+  named.run.failure.max_failures = 0;
+  named.run.callbacks = {std::make_shared<Listener>(&failure)};
+  auto clean = run(s.sys, clean_options);
+  std::vector<Result> faulty;
+  for (auto& o : faulty_options)
+    faulty.push_back(run(s.sys, o));
+  auto failed = run(s.sys, named);
+  REQUIRE(clean.ok());
+  std::vector<std::string> signals = {"signal 9", "signal 11", "signal 6"};
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    CAPTURE(kinds[k]);
+    auto& r = faulty[k];
+    INFO((r.error ? r.error->message : ""));
+    REQUIRE(r.ok());
+    CHECK(r.attempts == 2);
+    REQUIRE(r.metrics_history.size() == 12);
+    for (size_t i = 0; i < 12; ++i)
+      CHECK(r.metrics_history[i].attempt == (i < 6 ? 0 : 1));
+    check_same_weights(clean, r);
+    check_none_left(faulty_options[k]);
+  }
+  REQUIRE_FALSE(failed.ok());
+  CHECK(failed.error->code == Errc::worker_failed);
+  CHECK_THAT(failed.error->message, Contains("rank 1: worker process") && Contains("signal 11"));
+  CHECK(failure == failed.error->message);
+}
+
+TEST_CASE("A hung or frozen worker process is killed after its timeout and the run restarts without leaving it behind", "[worker_process]") {
+  test::TempDir dir;
+  System s;
+  auto clean = run(s.sys, options(dir, "clean", "thread"));
+  // "hang": the training thread sleeps (the rank's heartbeat stops; the process is
+  // stopped, does not stop within stop_grace, and is killed). "freeze": SIGSTOP (the
+  // whole process is silent; its launcher kills it).
+  auto hang_options = options(dir, "hang", "process", "hang");
+  auto freeze_options = options(dir, "freeze", "process", "freeze");
+  auto started = std::chrono::steady_clock::now();
+  auto hang = run(s.sys, hang_options);
+  auto hang_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  auto freeze = run(s.sys, freeze_options);
+  REQUIRE(clean.ok());
+  for (auto* r : {&hang, &freeze}) {
+    INFO((r->error ? r->error->message : ""));
+    REQUIRE(r->ok());
+    CHECK(r->attempts == 2);
+    check_same_weights(clean, *r);
+  }
+  // heartbeat 6 s + stop grace 2 s, plus the two attempts' own work (a few seconds).
+  CHECK(hang_seconds < 60);
+  check_none_left(hang_options);
+  check_none_left(freeze_options);
+}
+
+TEST_CASE("Worker processes are refused for a local backend and an unknown worker_mode, naming the fix", "[worker_process]") {
+  TorchTrainerOptions o;
+  o.scaling.worker_mode = "fork";
+  CHECK_THROWS_WITH(validate(o), Contains("worker_mode 'fork' is unknown"));
+  o.scaling.worker_mode = "process";
+  o.torch_config.backend = "local";
+  CHECK_THROWS_WITH(validate(o), Contains("worker processes use \"gloo\""));
+  o.torch_config.backend = "auto";
+  CHECK(resolve_backend(o) == "gloo");
+}
+
+TEST_CASE("GLOO_SOCKET_IFNAME picks the interface worker processes bind gloo to, and an unknown one is a clear error", "[worker_process]") {
+  test::TempDir dir;
+  System s;
+  auto on_lo = options(dir, "on_lo", "process");
+  auto on_nothing = options(dir, "on_nothing", "process");
+  // Set in this process before the workers start: they inherit it, as from a shell.
+  ::setenv("GLOO_SOCKET_IFNAME", "lo", 1);
+  auto good = run(s.sys, on_lo);
+  ::setenv("GLOO_SOCKET_IFNAME", "nosuchif0", 1);
+  auto bad = run(s.sys, on_nothing);
+  ::unsetenv("GLOO_SOCKET_IFNAME");
+  INFO((good.error ? good.error->message : ""));
+  CHECK(good.ok());
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.error->code == Errc::invalid_config);
+  CHECK_THAT(bad.error->message, Contains("GLOO_SOCKET_IFNAME 'nosuchif0'") && Contains("lo"));
+}
