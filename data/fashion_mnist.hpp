@@ -27,7 +27,10 @@ class ImageIdxDataset : public TensorDataset {
   /// Reads `<root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`. The decoded tensors
   /// of the last 4 file pairs read are kept in this process and shared by every data set
   /// that reads the same unchanged files (the workers of a run, a restarted attempt):
-  /// treat them as read-only. Throws
+  /// treat them as read-only. They are also kept once per machine, in
+  /// $CAFTRAIN_CACHE_DIR (default ~/.cache/caftrain; "off" for none), and mapped
+  /// copy-on-write by the next process that reads the same files (a worker process, a
+  /// restarted program) instead of decoding them again. Throws
   /// `Error(data_error)` naming the file when one is missing or malformed, or when images
   /// and labels disagree on the number of examples.
   ImageIdxDataset(const std::string& root, Split split, Normalize normalize = {});

@@ -58,6 +58,38 @@ TEST_CASE("FashionMNIST normalises images to [-1, 1] as the seed's Normalize(0.5
   CHECK(test->targets().scalar_type() == torch::kLong);
 }
 
+TEST_CASE("Decoded data sets are kept once per machine and a damaged cache file is decoded anew", "[data]") {
+  test::TempDir cache;
+  ::setenv("CAFTRAIN_CACHE_DIR", cache.path().c_str(), 1);
+  auto root = data::FashionMNIST::default_root;
+  data::Normalize norm{0.25, 0.5};
+  auto first = data::FashionMNIST::test(root, norm);
+  std::vector<std::filesystem::path> files;
+  for (auto& e : std::filesystem::directory_iterator(cache.path()))
+    files.push_back(e.path());
+  REQUIRE(files.size() == 1);
+  auto size = std::filesystem::file_size(files[0]);
+  CHECK(size == 64 + 10000 * 784 * 4 + 10000 * 8);
+  // Other normalisations push it out of this process's own cache (4 entries): the next
+  // read comes from the file, as in a new process.
+  auto evict = [&] {
+    for (double mean : {0.1, 0.2, 0.3, 0.4})
+      data::FashionMNIST::test(root, {mean, 0.5});
+  };
+  evict();
+  auto again = data::FashionMNIST::test(root, norm);
+  CHECK(again->data().data_ptr() != first->data().data_ptr());
+  CHECK(torch::equal(again->data(), first->data()));
+  CHECK(torch::equal(again->targets(), first->targets()));
+  // A truncated file is not used: the files are decoded again and the cache rewritten.
+  std::filesystem::resize_file(files[0], size / 2);
+  evict();
+  auto decoded = data::FashionMNIST::test(root, norm);
+  CHECK(torch::equal(decoded->data(), first->data()));
+  CHECK(std::filesystem::file_size(files[0]) == size);
+  ::unsetenv("CAFTRAIN_CACHE_DIR");
+}
+
 TEST_CASE("read_idx refuses broken files with an error naming the file and the problem", "[data]") {
   test::TempDir dir;
   SECTION("a missing file") {
