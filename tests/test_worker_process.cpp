@@ -12,11 +12,13 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <thread>
 
+#include "core/subprocess.hpp"
 #include "helpers.hpp"
 
 using namespace caftrain;
@@ -153,8 +155,15 @@ std::vector<std::string> where(const TorchTrainerOptions& o, int attempt, int ra
   return words;
 }
 
+/// True while process `pid` runs (a zombie, dead and waiting to be reaped by whoever
+/// inherited it, does not count).
 bool process_exists(const std::string& pid) {
-  return ::kill(static_cast<pid_t>(std::stol(pid)), 0) == 0;
+  std::ifstream stat("/proc/" + pid + "/stat");
+  std::string line;
+  if (!std::getline(stat, line))
+    return false;
+  auto state = line.find(") ");
+  return state != std::string::npos && line[state + 2] != 'Z';
 }
 
 /// Every worker process that wrote a file in `o`'s out directory is gone.
@@ -299,4 +308,36 @@ TEST_CASE("GLOO_SOCKET_IFNAME picks the interface worker processes bind gloo to,
   REQUIRE_FALSE(bad.ok());
   CHECK(bad.error->code == Errc::invalid_config);
   CHECK_THAT(bad.error->message, Contains("GLOO_SOCKET_IFNAME 'nosuchif0'") && Contains("lo"));
+}
+
+TEST_CASE("Worker processes die with their driver when it is killed", "[worker_process]") {
+  test::TempDir dir;
+  auto out = dir / "out";
+  fs::create_directories(out);
+  auto driver = spawn_process(CAFTRAIN_DRIVER_CHILD, {CAFTRAIN_DRIVER_CHILD, dir.path(), out}, {});
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  std::vector<std::string> pids;
+  while (pids.size() < 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    pids.clear();
+    for (int rank = 0; rank < 2; ++rank) {
+      std::ifstream f(out + "/worker-" + std::to_string(rank));
+      std::string pid;
+      if (f >> pid)
+        pids.push_back(pid);
+    }
+  }
+  REQUIRE(pids.size() == 2);
+  for (auto& pid : pids)
+    CHECK(process_exists(pid));
+  ::kill(driver, SIGKILL);
+  CHECK(describe_exit(wait_process(driver)) == "was killed by signal 9 (Killed)");
+  // The kernel ends them with the driver (PR_SET_PDEATHSIG): nothing to clean up.
+  deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  auto alive = [&] {
+    return std::count_if(pids.begin(), pids.end(), [](auto& pid) { return process_exists(pid); });
+  };
+  while (alive() > 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(alive() == 0);
 }
