@@ -235,13 +235,10 @@ std::shared_ptr<RunSpec> worker_process_spec(TrainFunc train_func, TorchTrainerO
 
 TorchTrainer::TorchTrainer(caf::actor_system& system, TrainFunc train_func,
                            TorchTrainerOptions options)
-  : system_(&system),
-    spec_(is_worker_process() ? worker_process_spec(std::move(train_func), std::move(options))
-                              : make_run_spec(std::move(train_func), std::move(options))) {
-  if (spec_->options.scaling.worker_mode == "process")
-    spec_->job = detail::next_job();
-  if (!is_worker_process())
-    actor_ = system.spawn(trainer_actor, spec_);
+  : TorchTrainer(system, is_worker_process()
+                           ? worker_process_spec(std::move(train_func), std::move(options))
+                           : make_run_spec(std::move(train_func), std::move(options))) {
+  // nop
 }
 
 PlacedRun spawn_placed_run(caf::actor_system& system, TrainFunc train_func,
@@ -312,6 +309,13 @@ TorchTrainer TorchTrainer::restore(caf::actor_system& system, const std::string&
 
 namespace {
 
+/// In a worker process: runs the rank it was started for when `spec` is that run's
+/// trainer (and then never returns).
+void run_if_my_job(caf::actor_system& system, const RunSpec& spec) {
+  if (detail::is_my_job(spec))
+    detail::run_worker_process(system, spec);
+}
+
 /// What an inert TorchTrainer of a worker process (not the one it was started for)
 /// returns.
 Result skipped_in_worker_process(const RunSpec& spec) {
@@ -330,8 +334,7 @@ Result TorchTrainer::fit() {
   if (result_)
     return *result_;
   if (is_worker_process()) {
-    if (detail::is_my_job(*spec_))
-      detail::run_worker_process(*system_, *spec_);
+    run_if_my_job(*system_, *spec_);
     result_ = skipped_in_worker_process(*spec_);
     return *result_;
   }
@@ -359,8 +362,7 @@ Result TorchTrainer::fit() {
 
 caf::actor TorchTrainer::start() {
   if (is_worker_process()) {
-    if (detail::is_my_job(*spec_))
-      detail::run_worker_process(*system_, *spec_);
+    run_if_my_job(*system_, *spec_);
     return actor_; // none: this trainer does not run here
   }
   caf::anon_send(actor_, start_atom::value);

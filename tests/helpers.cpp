@@ -1,5 +1,7 @@
 #include "helpers.hpp"
 
+#include <catch2/catch.hpp>
+
 #include <unistd.h>
 
 #include <array>
@@ -28,6 +30,18 @@ TempDir::~TempDir() {
     return;
   std::error_code ec;
   fs::remove_all(path_, ec);
+}
+
+void check_same_weights(const Result& a, const Result& b) {
+  REQUIRE(a.checkpoint);
+  REQUIRE(b.checkpoint);
+  auto wa = a.checkpoint->model_state_dict();
+  auto wb = b.checkpoint->model_state_dict();
+  REQUIRE(wa.size() == wb.size());
+  for (auto& item : wa) {
+    CAPTURE(item.key());
+    CHECK(torch::allclose(item.value(), wb[item.key()], 0, 1e-6));
+  }
 }
 
 TrainerOptions quiet_options(const TempDir& dir) {

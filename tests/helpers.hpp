@@ -93,6 +93,10 @@ std::string python_with_torch();
 /// Runs `script` with Python; returns its exit code and fills `output` with stdout.
 int run_python(const std::string& script, std::string& output);
 
+/// Checks (with Catch) that the latest checkpoints of two runs hold the same model
+/// weights, to 1e-6: a disturbed run ended as the undisturbed one did.
+void check_same_weights(const Result& a, const Result& b);
+
 /// An actor system with caftrain's message types registered (`caftrain::init`).
 struct ActorSystem {
   ActorSystem() : sys(init_cfg(cfg)) {}

@@ -178,17 +178,7 @@ Result run(caf::actor_system& sys, const test::TempDir& dir, const std::string& 
   return TorchTrainer(sys, train_func, o).fit();
 }
 
-void check_same_weights(const Result& a, const Result& b) {
-  REQUIRE(a.checkpoint);
-  REQUIRE(b.checkpoint);
-  auto wa = a.checkpoint->model_state_dict();
-  auto wb = b.checkpoint->model_state_dict();
-  REQUIRE(wa.size() == wb.size());
-  for (auto& item : wa) {
-    CAPTURE(item.key());
-    CHECK(torch::allclose(item.value(), wb[item.key()], 0, 1e-6));
-  }
-}
+using test::check_same_weights;
 
 } // namespace
 
