@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <mutex>
 #include <set>
 #include <utility>
 
@@ -18,6 +19,24 @@ namespace {
 /// one of the strategy's own operations (which must not trigger gathers themselves).
 thread_local FSDPStrategy* active = nullptr;
 thread_local bool internal = false;
+
+/// Every FSDP strategy with its observer installed. The observer is a thread-local
+/// callback of the thread that trains, and autograd carries thread-local callbacks to the
+/// threads it runs backward on (its device threads, for CUDA tensors), but not `active`:
+/// there the observer finds the strategy by the storage of the operator's inputs.
+std::mutex observed_mtx;
+std::vector<FSDPStrategy*> observed;
+
+void start_observing(FSDPStrategy* fsdp) {
+  std::lock_guard<std::mutex> guard(observed_mtx);
+  if (std::find(observed.begin(), observed.end(), fsdp) == observed.end())
+    observed.push_back(fsdp);
+}
+
+void stop_observing(FSDPStrategy* fsdp) {
+  std::lock_guard<std::mutex> guard(observed_mtx);
+  observed.erase(std::remove(observed.begin(), observed.end(), fsdp), observed.end());
+}
 
 struct Internal {
   Internal() : previous(internal) {
@@ -45,16 +64,31 @@ void collect(const c10::IValue& value, FSDPStrategy& fsdp, std::vector<size_t>& 
 }
 
 std::unique_ptr<at::ObserverContext> observe(const at::RecordFunction& fn) {
-  if (!active || internal)
+  if (internal)
     return nullptr;
   std::vector<size_t> touched;
-  for (auto& input : fn.inputs())
-    collect(input, *active, touched);
+  auto* fsdp = active;
+  if (fsdp) {
+    for (auto& input : fn.inputs())
+      collect(input, *fsdp, touched);
+  } else {
+    // Another thread of the training thread's backward: the strategy whose units the
+    // inputs are (one at a time; the training thread waits for its backward).
+    std::lock_guard<std::mutex> guard(observed_mtx);
+    for (auto* candidate : observed) {
+      for (auto& input : fn.inputs())
+        collect(input, *candidate, touched);
+      if (!touched.empty()) {
+        fsdp = candidate;
+        break;
+      }
+    }
+  }
   if (!touched.empty()) {
     try {
-      active->on_access(touched);
+      fsdp->on_access(touched);
     } catch (...) {
-      active->record_failure(std::current_exception());
+      fsdp->record_failure(std::current_exception());
     }
   }
   return nullptr;
@@ -91,8 +125,10 @@ FSDPStrategy::FSDPStrategy(const FSDPStrategy& other) : ShardedStrategy(), optio
 FSDPStrategy::~FSDPStrategy() {
   if (observing_ && active == this)
     active = nullptr;
-  if (observing_)
+  if (observing_) {
     at::removeCallback(observer_);
+    stop_observing(this);
+  }
 }
 
 std::string FSDPStrategy::name() const {
@@ -176,6 +212,7 @@ void FSDPStrategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Op
       .needsInputs(true)
       .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
   observing_ = true;
+  start_observing(this);
 }
 
 void FSDPStrategy::teardown() {
@@ -186,6 +223,7 @@ void FSDPStrategy::teardown() {
   }
   if (observing_) {
     at::removeCallback(observer_);
+    stop_observing(this);
     observing_ = false;
   }
   if (active == this)

@@ -8,6 +8,9 @@
 #include <functional>
 #include <mutex>
 #include <sstream>
+#include <thread>
+
+#include <ATen/ThreadLocalState.h>
 
 #include "checkpoint/files.hpp"
 #include "helpers.hpp"
@@ -145,6 +148,44 @@ TEST_CASE("ZeRO-1, ZeRO-2 and FSDP on 2 and 3 workers give DDP's weights after 5
         }
       }
     }
+  }
+}
+
+namespace {
+
+/// FSDP whose backward runs on another thread that carries the training thread's
+/// thread-local state, as autograd's device threads do for CUDA tensors: the observer
+/// that gathers freed units must work there too.
+class FSDPBackwardElsewhere : public FSDPStrategy {
+ public:
+  using FSDPStrategy::FSDPStrategy;
+  void backward(const at::Tensor& loss) override {
+    at::ThreadLocalState state;
+    std::exception_ptr error;
+    std::thread device_thread([&] {
+      at::ThreadLocalStateGuard guard(state);
+      try {
+        FSDPStrategy::backward(loss);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    });
+    device_thread.join();
+    if (error)
+      std::rethrow_exception(error);
+  }
+};
+
+} // namespace
+
+TEST_CASE("FSDP gathers freed units in a backward that runs on another thread, as CUDA's autograd does", "[sharded][gpu_path]") {
+  const int64_t batch = 6, steps = 4;
+  auto reference = train_on(2, ddp, "adam", batch, steps);
+  for (auto sharding : {ShardingStrategy::FULL_SHARD, ShardingStrategy::SHARD_GRAD_OP}) {
+    CAPTURE(to_string(sharding));
+    auto sharded = train_on(2, [&] { return FSDPBackwardElsewhere({.sharding_strategy = sharding}); }, "adam",
+                            batch, steps);
+    CHECK(test::max_param_diff(*sharded, *reference) < 2e-5);
   }
 }
 
