@@ -1,6 +1,7 @@
 // caftrain: distributed libtorch training as CAF actors. One include for the public API.
 #pragma once
 
+#include "actors/cluster.hpp"
 #include "actors/messages.hpp"
 #include "actors/pool_actor.hpp"
 #include "actors/resource_pool.hpp"

@@ -2,6 +2,7 @@
 
 #include <caf/all.hpp>
 
+#include "actors/cluster.hpp"
 #include "actors/pool_actor.hpp"
 #include "actors/process_launcher.hpp"
 #include "actors/worker_process.hpp"
@@ -20,6 +21,12 @@ void init(caf::actor_system_config& cfg) {
   // The one place that knows every layer's messages: the pool's, the trainer's, Tune's.
   detail::detect_worker_process(cfg); // and loads the middleman
   add_pool_message_types(cfg);
+  add_cluster_message_types(cfg);
+  // Peers on other machines (a cluster's head and nodes, a run's worker processes) send
+  // heartbeats, so that a peer that stops answering is dropped after the connection
+  // timeout its side sets (`caftrain head`: 1.5 s) rather than never.
+  if (!caf::get_if<caf::timespan>(&cfg, "middleman.heartbeat-interval"))
+    cfg.set("middleman.heartbeat-interval", caf::timespan{std::chrono::milliseconds(250)});
   add_worker_process_message_types(cfg);
   tune::add_message_types(cfg);
   cfg.add_message_type<FileDigest>("caftrain::FileDigest");

@@ -117,6 +117,19 @@ caf::behavior pool_actor(caf::stateful_actor<PoolState>* self, std::map<std::str
     [=](pool_add_node_atom, const std::string& id, ResourceSet& total) {
       deliver(self, self->state.pool.add_node(id, std::move(total)));
     },
+    [=](pool_remove_node_atom, const std::string& id) {
+      auto& st = self->state;
+      for (auto& lost : st.pool.remove_node(id)) {
+        auto holder = st.holders.find(lost.id);
+        if (holder == st.holders.end())
+          continue;
+        if (auto h = caf::actor_cast<caf::actor>(holder->second))
+          self->send(h, pool_lost_atom::value, lost.id, id);
+        st.holders.erase(holder);
+      }
+      // What the lost placements held on other nodes is free again.
+      deliver(self, st.pool.grant_pending());
+    },
   };
 }
 

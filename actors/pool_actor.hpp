@@ -33,6 +33,11 @@ using pool_status_atom = caf::atom_constant<caf::atom("plstatus")>;
 using pool_reason_atom = caf::atom_constant<caf::atom("plreason")>;
 /// (pool_add_node_atom, node id, ResourceSet): adds a node (or updates its totals).
 using pool_add_node_atom = caf::atom_constant<caf::atom("pladdnode")>;
+/// (pool_remove_node_atom, node id): removes a node (a cluster's node that was lost);
+/// the holder of each placement with a bundle on it gets (pool_lost_atom, placement id,
+/// node id): that placement is gone, its workers there with it.
+using pool_remove_node_atom = caf::atom_constant<caf::atom("plrmnode")>;
+using pool_lost_atom = caf::atom_constant<caf::atom("pllost")>;
 
 /// What the pool holds and who waits.
 struct PoolStatus {

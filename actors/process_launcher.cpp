@@ -2,14 +2,13 @@
 
 #include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
-#include "actors/run_files.hpp"
-#include "actors/torch_trainer.hpp"
 #include "core/error.hpp"
 #include "core/subprocess.hpp"
 
@@ -18,6 +17,7 @@ namespace caftrain {
 void add_worker_process_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<WorkerContext>("caftrain::WorkerContext");
   cfg.add_message_type<ProcessAssignment>("caftrain::ProcessAssignment");
+  cfg.add_message_type<LaunchSpec>("caftrain::LaunchSpec");
 }
 
 // -- the hub -----------------------------------------------------------------------------
@@ -53,12 +53,16 @@ constexpr auto kCheckEvery = std::chrono::milliseconds(250);
 
 std::string rank_prefix(Self self) {
   auto& st = self->state;
-  return "rank " + std::to_string(st.spec.worker.context.world_rank) + ": worker process " +
+  return "rank " + std::to_string(st.spec.assignment.context.world_rank) + ": worker process " +
          std::to_string(st.pid);
 }
 
+std::chrono::milliseconds stop_grace(Self self) {
+  return std::chrono::milliseconds(self->state.spec.stop_grace_ms);
+}
+
 WorkerExit failure(Self self, Errc code, const std::string& what) {
-  auto& ctx = self->state.spec.worker.context;
+  auto& ctx = self->state.spec.assignment.context;
   WorkerExit exit;
   exit.rank = ctx.world_rank;
   exit.attempt = ctx.attempt;
@@ -97,7 +101,7 @@ void stop(Self self, const std::string& reason) {
     return kill_child(self);
   }
   self->send_exit(st.worker, make_caf_error(Errc::cancelled, reason));
-  self->delayed_send(self, st.spec.worker.run->options.run.stop_grace, kill_atom::value);
+  self->delayed_send(self, stop_grace(self), kill_atom::value);
 }
 
 /// The child is gone: the trainer gets its rank's end, and the launcher ends.
@@ -109,7 +113,7 @@ void reaped(Self self, int status) {
     if (!out.failed && !exited_cleanly(status))
       spdlog::warn("caftrain: {} finished its rank, then {}", rank_prefix(self), describe_exit(status));
   } else if (st.killed && st.stopping) {
-    auto grace = std::chrono::duration<double>(st.spec.worker.run->options.run.stop_grace).count();
+    auto grace = std::chrono::duration<double>(stop_grace(self)).count();
     out = failure(self, Errc::cancelled,
                   rank_prefix(self) + " did not stop within RunConfig.stop_grace (" +
                     std::to_string(grace) + " s) and was killed");
@@ -127,39 +131,29 @@ void reaped(Self self, int status) {
              "failed in the worker process (its output is above)";
     out = failure(self, Errc::worker_failed, rank_prefix(self) + " " + describe_exit(status) + hint);
   }
-  self->send(st.spec.worker.trainer, worker_exit_atom::value, out);
+  self->send(st.spec.assignment.trainer, worker_exit_atom::value, out);
   self->quit();
-}
-
-ProcessAssignment assignment(Self self) {
-  auto& ws = self->state.spec.worker;
-  auto& run = ws.run->options.run;
-  ProcessAssignment a;
-  a.context = ws.context;
-  a.trainer = ws.trainer;
-  a.launcher = caf::actor_cast<caf::actor>(self);
-  a.checkpoint = ws.checkpoint;
-  a.first_report_index = ws.first_report_index;
-  a.train_loop_config = config_to_json(ws.run->options.train_loop_config);
-  a.backend = resolve_backend(ws.run->options);
-  a.report_timeout_ms = run.report_timeout.count();
-  a.collective_timeout_ms = run.collective_timeout.count();
-  a.heartbeat_timeout_ms = run.heartbeat_timeout.count();
-  return a;
 }
 
 } // namespace
 
-caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LauncherSpec spec) {
+caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpec spec, HubAddress hub) {
   auto& st = self->state;
   st.spec = std::move(spec);
+  st.hub = std::move(hub);
   auto me = caf::actor_cast<caf::actor>(self);
-  self->send(st.spec.hub, hub_register_atom::value, st.spec.key, me);
+  st.spec.assignment.launcher = me;
+  self->send(st.hub.hub, hub_register_atom::value, st.spec.key, me);
+  auto port = std::to_string(st.hub.port);
+  st.spec.env["CAFTRAIN_WORKER_HUB"] = st.hub.host + ":" + port;
+  st.spec.env["CAFTRAIN_WORKER_PARENT"] = std::to_string(::getpid());
+  st.spec.env["MASTER_ADDR"] = st.hub.host;
+  st.spec.env["MASTER_PORT"] = port;
   try {
-    st.pid = spawn_process("/proc/self/exe", st.spec.argv, st.spec.env);
+    st.pid = spawn_process(st.spec.program, st.spec.argv, st.spec.env);
   } catch (const Error& e) {
-    self->send(st.spec.worker.trainer, worker_exit_atom::value,
-               failure(self, Errc::unavailable, "rank " + std::to_string(st.spec.worker.context.world_rank) +
+    self->send(st.spec.assignment.trainer, worker_exit_atom::value,
+               failure(self, Errc::unavailable, "rank " + std::to_string(st.spec.assignment.context.world_rank) +
                                                    ": " + e.what()));
     self->quit();
     return {};
@@ -173,7 +167,7 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LauncherS
     me = nullptr;
   });
   me = nullptr;
-  self->attach_functor([pid = st.pid, reaper = st.reaper, gone, hub = st.spec.hub, key = st.spec.key] {
+  self->attach_functor([pid = st.pid, reaper = st.reaper, gone, hub = st.hub.hub, key = st.spec.key] {
     // Nothing is left behind, even when the launcher ends before its child (the actor
     // system shutting down): the child is killed, then waited for.
     if (!gone->load())
@@ -197,7 +191,7 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LauncherS
         return make_caf_error(Errc::cancelled, "the attempt of this worker process was stopped");
       st.hello = true;
       st.last_alive = std::chrono::steady_clock::now();
-      return assignment(self);
+      return st.spec.assignment;
     },
     [=](started_atom, caf::actor& worker) {
       auto& st = self->state;
@@ -220,15 +214,17 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LauncherS
       if (st.killed)
         return;
       auto now = std::chrono::steady_clock::now();
-      auto& run = st.spec.worker.run->options.run;
-      if (!st.hello && now - st.started > run.collective_timeout) {
-        auto secs = std::chrono::duration<double>(run.collective_timeout).count();
+      auto& a = st.spec.assignment;
+      auto collective_timeout = std::chrono::milliseconds(a.collective_timeout_ms);
+      auto heartbeat_timeout = std::chrono::milliseconds(a.heartbeat_timeout_ms);
+      if (!st.hello && now - st.started > collective_timeout) {
+        auto secs = std::chrono::duration<double>(collective_timeout).count();
         return fail_running(self, Errc::worker_failed,
                             rank_prefix(self) + " did not connect to the run within " +
                               std::to_string(secs) + " s (RunConfig.collective_timeout)");
       }
-      if (st.hello && !st.stopping && run.heartbeat_timeout.count() > 0 &&
-          now - st.last_alive > run.heartbeat_timeout) {
+      if (st.hello && !st.stopping && heartbeat_timeout.count() > 0 &&
+          now - st.last_alive > heartbeat_timeout) {
         auto secs = std::chrono::duration<double>(now - st.last_alive).count();
         return fail_running(self, Errc::worker_failed,
                             rank_prefix(self) + " stopped answering for " + std::to_string(secs) +

@@ -89,20 +89,42 @@ caf::behavior hub_actor(caf::stateful_actor<HubState>* self);
 
 // -- the launcher ------------------------------------------------------------------------------
 
-/// What a launcher needs: the rank as a worker actor would get it, and how to start it.
-struct LauncherSpec {
-  WorkerSpec worker;
-  caf::actor hub;
-  /// The rank's key at the hub.
+/// What a launcher needs to start one rank's process, wherever it runs: in the driver
+/// (worker processes on this machine) or in a node agent (a cluster's node), which is
+/// why it is a message type and names no RunSpec.
+struct LaunchSpec {
+  /// What the process is told at its hello (`launcher` is filled in by the launcher).
+  ProcessAssignment assignment;
+  /// The rank's key at the hub (one per rank and attempt).
   std::string key;
-  /// Command line and extra environment of the process (which runs this binary).
+  /// The binary to start: "/proc/self/exe" in the driver, the driver's own path on a node
+  /// (a path valid on every node, as with torchrun or MPI).
+  std::string program;
+  /// Command line and extra environment of the process; the launcher adds the hub's
+  /// address (CAFTRAIN_WORKER_HUB, MASTER_ADDR, MASTER_PORT) and its own pid.
   std::vector<std::string> argv;
   std::map<std::string, std::string> env;
+  /// RunConfig.stop_grace, in milliseconds.
+  int64_t stop_grace_ms = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, LaunchSpec& x) {
+  return f(caf::meta::type_name("LaunchSpec"), x.assignment, x.key, x.program, x.argv, x.env,
+           x.stop_grace_ms);
+}
+
+/// Where the launcher's process connects: the hub actor and its published address.
+struct HubAddress {
+  caf::actor hub;
+  std::string host;
+  uint16_t port = 0;
 };
 
 struct LauncherState {
   static inline const char* name = "caftrain.launcher";
-  LauncherSpec spec;
+  LaunchSpec spec;
+  HubAddress hub;
   pid_t pid = -1;
   /// Waits for the child and tells the launcher (joined when the launcher ends).
   std::shared_ptr<std::thread> reaper;
@@ -123,6 +145,6 @@ struct LauncherState {
 /// ended (a signal, an exit status, silence past heartbeat_timeout, no hello within the
 /// collective timeout). Stopped, it asks the child to stop and kills it (SIGKILL) when
 /// it has not exited after RunConfig.stop_grace.
-caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LauncherSpec spec);
+caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpec spec, HubAddress hub);
 
 } // namespace caftrain

@@ -178,6 +178,10 @@ class ResourcePool {
   /// submission order. Releasing an unknown id does nothing.
   std::vector<std::pair<uint64_t, Placement>> release(uint64_t placement_id);
 
+  /// Grants the queued requests that fit now, in submission order (after `remove_node`,
+  /// whose lost placements leave resources on other nodes free).
+  std::vector<std::pair<uint64_t, Placement>> grant_pending();
+
   /// Placements handed out and not released.
   const std::map<uint64_t, Placement>& placements() const noexcept {
     return placements_;
@@ -196,7 +200,6 @@ class ResourcePool {
   assign(const PlacementRequest& request, const std::map<std::string, ResourceSet>& capacity);
 
   Placement commit(const PlacementRequest& request, std::vector<std::string> nodes);
-  std::vector<std::pair<uint64_t, Placement>> grant_pending();
   std::string reason_for(const PlacementRequest& request) const;
 
   std::map<std::string, PoolNode> nodes_;

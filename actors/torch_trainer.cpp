@@ -12,6 +12,7 @@
 #include <spdlog/spdlog.h>
 #include <torch/cuda.h>
 
+#include "actors/cluster.hpp"
 #include "actors/messages.hpp"
 #include "actors/placed_run.hpp"
 #include "actors/run_files.hpp"
@@ -119,7 +120,7 @@ std::string resolve_backend(const TorchTrainerOptions& o) {
   return o.scaling.worker_mode == "process" ? "gloo" : "local";
 }
 
-void validate(const TorchTrainerOptions& o) {
+void validate(const TorchTrainerOptions& o, bool this_machine) {
   auto& s = o.scaling;
   static const char* backends[] = {"auto", "local", "gloo", "nccl"};
   auto& b = o.torch_config.backend;
@@ -154,12 +155,12 @@ void validate(const TorchTrainerOptions& o) {
   auto cores = static_cast<double>(std::max(1u, std::thread::hardware_concurrency()));
   auto wanted = s.resources_per_worker.cpus * static_cast<double>(s.num_workers) +
                 s.trainer_resources.cpus;
-  if (wanted > cores)
+  if (wanted > cores && this_machine)
     refuse(Errc::invalid_config,
            "ScalingConfig asks for " + std::to_string(wanted) + " CPUs but this node has " +
              std::to_string(static_cast<int>(cores)) +
              "; lower resources_per_worker.cpus (0 shares the cores evenly) or num_workers");
-  if (s.use_gpu) {
+  if (s.use_gpu && this_machine) {
     if (!torch::cuda::is_available())
       refuse(Errc::unavailable,
              "ScalingConfig.use_gpu is true but no CUDA GPU is visible to this process "
@@ -169,7 +170,7 @@ void validate(const TorchTrainerOptions& o) {
       refuse(Errc::unavailable, "ScalingConfig wants a GPU for each of " +
                                   std::to_string(s.num_workers) + " workers but this node has " +
                                   std::to_string(gpus));
-  } else if (s.resources_per_worker.gpus > 0) {
+  } else if (!s.use_gpu && s.resources_per_worker.gpus > 0) {
     refuse(Errc::invalid_config,
            "resources_per_worker.gpus is set but use_gpu is false; set use_gpu = true");
   }
@@ -201,10 +202,16 @@ TorchTrainer::TorchTrainer(caf::actor_system& system, std::shared_ptr<RunSpec> s
 namespace {
 
 /// The checked and prepared spec of a new (or resumed-by-name) run.
-std::shared_ptr<RunSpec> make_run_spec(TrainFunc train_func, TorchTrainerOptions options) {
+std::shared_ptr<RunSpec> make_run_spec(caf::actor_system& system, TrainFunc train_func,
+                                       TorchTrainerOptions options) {
   if (!train_func)
     refuse(Errc::invalid_config, "train_func is empty");
-  validate(options);
+  auto on_cluster = cluster_of(system).has_value();
+  if (on_cluster && options.scaling.worker_mode != "process")
+    refuse(Errc::invalid_config, "this program is connected to a cluster (caftrain::connect), whose "
+                                 "nodes run workers as processes; set ScalingConfig.worker_mode "
+                                 "= \"process\"");
+  validate(options, !on_cluster);
   auto spec = std::make_shared<RunSpec>();
   spec->train_func = std::move(train_func);
   spec->name = options.run.name.empty() ? timestamped_name("TorchTrainer") : options.run.name;
@@ -237,7 +244,7 @@ TorchTrainer::TorchTrainer(caf::actor_system& system, TrainFunc train_func,
                            TorchTrainerOptions options)
   : TorchTrainer(system, is_worker_process()
                            ? worker_process_spec(std::move(train_func), std::move(options))
-                           : make_run_spec(std::move(train_func), std::move(options))) {
+                           : make_run_spec(system, std::move(train_func), std::move(options))) {
   // nop
 }
 
@@ -248,7 +255,7 @@ PlacedRun spawn_placed_run(caf::actor_system& system, TrainFunc train_func,
                                  "processes find their job by the TorchTrainer the program "
                                  "constructs, which a trial has not); set "
                                  "ScalingConfig.worker_mode = \"thread\"");
-  auto spec = make_run_spec(std::move(train_func), std::move(options));
+  auto spec = make_run_spec(system, std::move(train_func), std::move(options));
   if (placement.bundles.size() != static_cast<size_t>(spec->options.scaling.num_workers))
     refuse(Errc::invalid_argument, "the placement holds " + std::to_string(placement.bundles.size()) +
                                      " bundles for " +
@@ -295,7 +302,7 @@ TorchTrainer TorchTrainer::restore(caf::actor_system& system, const std::string&
   o.run.heartbeat_timeout = given.heartbeat_timeout;
   o.run.stop_grace = given.stop_grace;
   o.scaling.trainer_resources = overrides.scaling.trainer_resources;
-  validate(o);
+  validate(o, !cluster_of(system).has_value());
   auto spec = std::make_shared<RunSpec>();
   spec->train_func = std::move(train_func);
   spec->name = stored.name;

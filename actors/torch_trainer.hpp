@@ -90,7 +90,9 @@ class TorchTrainer {
 };
 
 /// Checks `options` as the TorchTrainer constructor does (exposed for tests and tools).
-void validate(const TorchTrainerOptions& options);
+/// With `this_machine` (default) CPU and GPU requests are checked against this machine;
+/// a run placed on a cluster (see actors/cluster.hpp) leaves that to the cluster's pool.
+void validate(const TorchTrainerOptions& options, bool this_machine = true);
 
 /// The backend "auto" stands for with these options: "local" for CPU workers of this
 /// process, "nccl" for GPU workers; any other choice is returned as given.

@@ -11,6 +11,7 @@
 #include <random>
 #include <unistd.h>
 #include <filesystem>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -117,12 +118,15 @@ bool process_mode(Self self) {
   return self->state.spec->options.scaling.worker_mode == "process";
 }
 
-/// Publishes the run's hub, where its worker processes connect (127.0.0.1: the workers
-/// of this slice run on this machine). False, with the run ended, when it cannot.
+/// Publishes the run's hub, where its worker processes connect (on 127.0.0.1, or on a
+/// cluster where its nodes reach this driver: a worker process connects to its driver
+/// directly). False, with the run ended, when it cannot.
 bool open_hub(Self self) {
   auto& st = self->state;
   st.hub = self->spawn<caf::linked>(hub_actor);
-  auto port = self->system().middleman().publish(st.hub, 0, "127.0.0.1");
+  // On a cluster, worker processes on other machines connect here too.
+  auto host = st.cluster ? advertised_host(self->system()) : std::string("127.0.0.1");
+  auto port = self->system().middleman().publish(st.hub, 0, host == "127.0.0.1" ? "127.0.0.1" : nullptr, true);
   if (!port) {
     st.error = RunError{Errc::unavailable, "cannot open the port worker processes connect to: " +
                                              self->system().render(port.error())};
@@ -153,39 +157,147 @@ std::string random_key() {
   return key;
 }
 
-/// The launcher of rank `ws.context.world_rank` as a worker process: its command line
-/// and environment (torch's variables, as torchrun sets them, and the hub's address).
-LauncherSpec launcher_spec(Self self, WorkerSpec ws) {
+/// The real path of this program's binary: what a cluster's nodes start (a path valid
+/// on every node, as with torchrun or MPI).
+std::string own_executable() {
+  std::error_code ec;
+  auto path = fs::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string("/proc/self/exe") : path.string();
+}
+
+/// How rank `ws.context.world_rank` is started as a worker process: what it is told at
+/// its hello, its command line and environment (torch's variables, as torchrun sets
+/// them; the launcher adds where its hub listens).
+LaunchSpec launch_spec(Self self, WorkerSpec& ws) {
   auto& st = self->state;
   auto& ctx = ws.context;
-  auto& scaling = st.spec->options.scaling;
-  LauncherSpec ls;
-  ls.hub = st.hub;
+  auto& options = st.spec->options;
+  auto& scaling = options.scaling;
+  auto& run = options.run;
+  if (scaling.use_gpu)
+    ctx.device = "cuda:0"; // the process sees its own GPU only
+  LaunchSpec ls;
+  auto& a = ls.assignment;
+  a.context = ctx;
+  a.trainer = caf::actor_cast<caf::actor>(self);
+  a.checkpoint = ws.checkpoint;
+  a.first_report_index = ws.first_report_index;
+  a.train_loop_config = config_to_json(options.train_loop_config);
+  a.backend = resolve_backend(options);
+  a.report_timeout_ms = run.report_timeout.count();
+  a.collective_timeout_ms = run.collective_timeout.count();
+  a.heartbeat_timeout_ms = run.heartbeat_timeout.count();
   ls.key = random_key() + "-r" + std::to_string(ctx.world_rank) + "-a" + std::to_string(ctx.attempt);
+  ls.program = st.cluster ? own_executable() : "/proc/self/exe";
   ls.argv = worker_command();
-  auto host = std::string("127.0.0.1");
-  auto port = std::to_string(st.hub_port);
+  ls.stop_grace_ms = run.stop_grace.count();
   ls.env = {
-    {"CAFTRAIN_WORKER_HUB", host + ":" + port},
     {"CAFTRAIN_WORKER_KEY", ls.key},
     {"CAFTRAIN_WORKER_RUN", st.spec->name},
     {"CAFTRAIN_WORKER_JOB", std::to_string(st.spec->job)},
-    {"CAFTRAIN_WORKER_PARENT", std::to_string(::getpid())},
     {"RANK", std::to_string(ctx.world_rank)},
     {"LOCAL_RANK", std::to_string(ctx.local_rank)},
     {"WORLD_SIZE", std::to_string(ctx.world_size)},
     {"LOCAL_WORLD_SIZE", std::to_string(ctx.local_world_size)},
     {"NODE_RANK", std::to_string(ctx.node_rank)},
-    {"MASTER_ADDR", host},
-    {"MASTER_PORT", port},
     // A CPU worker sees no GPU (as Ray sets it); a GPU worker sees its own as cuda:0.
     {"CUDA_VISIBLE_DEVICES", scaling.use_gpu ? std::to_string(ctx.local_rank) : ""},
     {"OMP_NUM_THREADS", std::to_string(ctx.num_threads)},
   };
-  if (scaling.use_gpu)
-    ctx.device = "cuda:0";
-  ls.worker = std::move(ws);
+  if (st.cluster) // the worker connects to this driver directly (see worker_process.cpp)
+    ls.env["CAFTRAIN_WORKER_DRIVER"] = advertised_host(self->system()) + ":" + std::to_string(st.hub_port);
   return ls;
+}
+
+/// A rank that never ran, or whose process was lost with its node: its end as the
+/// trainer records it.
+WorkerExit lost_rank(Self self, int64_t rank, const std::string& what) {
+  WorkerExit exit;
+  exit.rank = rank;
+  exit.attempt = self->state.attempt;
+  exit.failed = true;
+  exit.error = RunError{Errc::worker_failed, what, rank, self->state.attempt};
+  return exit;
+}
+
+void on_worker_exit(Self self, const WorkerExit& exit);
+
+void launch_on_node(Self self, int64_t attempt, int64_t rank, std::string node, LaunchSpec spec);
+
+/// Starts rank `ws.context.world_rank` as a worker process: here, through a launcher of
+/// this actor; on a cluster, through the agent of the rank's node (via the head).
+void launch_process(Self self, WorkerSpec ws) {
+  auto& st = self->state;
+  auto rank = ws.context.world_rank;
+  auto spec = launch_spec(self, ws);
+  if (!st.cluster) {
+    st.workers.push_back(self->spawn<caf::monitored>(launcher_actor, std::move(spec),
+                                                     HubAddress{st.hub, "127.0.0.1", st.hub_port}));
+    return;
+  }
+  st.workers.emplace_back(); // the launcher, once the node has started it
+  launch_on_node(self, st.attempt, rank, st.rank_nodes[static_cast<size_t>(rank)], std::move(spec));
+}
+
+/// Hands rank `rank`'s spec to the agent of `node`, connecting to the node directly first
+/// (its address from the head): the launcher and this trainer then talk without a hop.
+void launch_on_node(Self self, int64_t attempt, int64_t rank, std::string node, LaunchSpec spec) {
+  auto& st = self->state;
+  auto timeout = run_config(self).collective_timeout;
+  auto give_up = [=](const std::string& why) {
+    auto& st = self->state;
+    if (st.result || st.attempt != attempt)
+      return;
+    on_worker_exit(self, lost_rank(self, rank, "rank " + std::to_string(rank) + ": node '" + node +
+                                                 "' did not start its worker process: " + why));
+  };
+  auto agent = st.agents.find(node);
+  if (agent == st.agents.end()) {
+    self->request(st.cluster->head, timeout, cluster_status_atom::value)
+      .then(
+        [=](ClusterStatus& cluster) mutable {
+          auto found = std::find_if(cluster.nodes.begin(), cluster.nodes.end(),
+                                    [&](const NodeView& n) { return n.id == node; });
+          if (found == cluster.nodes.end())
+            return give_up("it is not in the cluster any more");
+          auto where = found->address;
+          std::pair<std::string, uint16_t> address;
+          try {
+            address = parse_address(where);
+          } catch (const Error& e) {
+            return give_up(e.what());
+          }
+          self->request(self->system().middleman().actor_handle(), timeout, caf::connect_atom::value,
+                        address.first, address.second)
+            .then(
+              [=](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) mutable {
+                if (!ptr)
+                  return give_up("its agent at " + where + " is not published");
+                self->state.agents[node] = caf::actor_cast<caf::actor>(ptr);
+                launch_on_node(self, attempt, rank, node, std::move(spec));
+              },
+              [=](caf::error& err) { give_up("cannot connect to it: " + self->system().render(err)); });
+        },
+        [=](caf::error& err) { give_up("the head did not answer: " + to_run_error(err).message); });
+    return;
+  }
+  self->request(agent->second, timeout, launch_atom::value, std::move(spec))
+    .then(
+      [=](caf::actor& launcher) {
+        auto& st = self->state;
+        if (st.result || st.attempt != attempt || !st.running.count(rank)) {
+          self->send_exit(launcher, caf::exit_reason::user_shutdown);
+          return;
+        }
+        self->monitor(launcher);
+        st.workers[static_cast<size_t>(rank)] = launcher;
+        if (st.stopping)
+          self->send_exit(launcher, make_caf_error(Errc::cancelled, "the attempt was stopped"));
+      },
+      [=](caf::error& err) {
+        self->state.agents.erase(node); // connect again next time
+        give_up(to_run_error(err).message);
+      });
 }
 
 void finish(Self self) {
@@ -205,6 +317,8 @@ void finish(Self self) {
   auto r = build_result(self);
   st.result = r;
   for (auto& w : st.workers) {
+    if (!w)
+      continue;
     self->demonitor(w);
     self->send_exit(w, caf::exit_reason::user_shutdown);
   }
@@ -244,8 +358,17 @@ void announce_result(Self self) {
 
 void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest);
 
+void request_placement(Self self, int64_t attempt);
+
 void launch_attempt(Self self, int64_t attempt) {
   auto& st = self->state;
+  if (st.placement_lost && !st.spec->placement) {
+    // A node of the placement is gone: the pool places the run again on what is left.
+    st.placement_lost = false;
+    st.placement.reset();
+    spdlog::info("caftrain: run {} is placed again for attempt {} (a node was lost)", st.spec->name, attempt);
+    return request_placement(self, attempt);
+  }
   st.attempt = attempt;
   set_state(self, "running");
   st.rounds.clear();
@@ -310,6 +433,18 @@ void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest)
   std::vector<std::shared_ptr<LocalCommunicator>> local;
   if (n > 1 && resolve_backend(st.spec->options) == "local")
     local = LocalCommunicator::create_group(static_cast<int>(n), run_config(self).collective_timeout);
+  // Where each rank stands: its node, its rank among the node's ranks, the node's rank.
+  st.rank_nodes.assign(static_cast<size_t>(n), "local");
+  if (st.placement && st.placement->nodes.size() == static_cast<size_t>(n))
+    st.rank_nodes = st.placement->nodes;
+  std::vector<std::string> node_order;
+  std::map<std::string, int64_t> per_node;
+  for (auto& node : st.rank_nodes) {
+    if (!per_node.count(node))
+      node_order.push_back(node);
+    ++per_node[node];
+  }
+  std::map<std::string, int64_t> seen;
   for (int64_t rank = 0; rank < n; ++rank) {
     WorkerSpec ws;
     if (!local.empty())
@@ -319,21 +454,25 @@ void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest)
     ws.checkpoint = start;
     ws.first_report_index = first_index;
     auto& ctx = ws.context;
+    auto& node = st.rank_nodes[static_cast<size_t>(rank)];
     ctx.world_rank = rank;
-    ctx.local_rank = rank;
-    ctx.node_rank = 0;
+    ctx.local_rank = seen[node]++;
+    ctx.node_rank = std::find(node_order.begin(), node_order.end(), node) - node_order.begin();
     ctx.world_size = n;
-    ctx.local_world_size = n;
-    ctx.device = scaling.use_gpu ? "cuda:" + std::to_string(rank) : "cpu";
+    ctx.local_world_size = per_node[node];
+    ctx.device = scaling.use_gpu ? "cuda:" + std::to_string(ctx.local_rank) : "cpu";
     ctx.num_threads = threads;
+    // On a cluster each worker uses the CPUs of its bundle on its node.
+    if (st.cluster && scaling.resources_per_worker.cpus <= 0 && st.placement)
+      ctx.num_threads = std::max<int64_t>(1, static_cast<int64_t>(st.placement->bundles[static_cast<size_t>(rank)].get("CPU")));
     ctx.run_name = st.spec->name;
     ctx.run_dir = st.spec->dir;
     ctx.attempt = attempt;
+    st.running.insert(rank);
     if (process_mode(self))
-      st.workers.push_back(self->spawn<caf::monitored>(launcher_actor, launcher_spec(self, std::move(ws))));
+      launch_process(self, std::move(ws));
     else
       st.workers.push_back(self->spawn<caf::monitored>(worker_actor, std::move(ws)));
-    st.running.insert(rank);
   }
   spdlog::debug("caftrain: run {} attempt {} started {} workers", st.spec->name, attempt, n);
 }
@@ -356,6 +495,8 @@ void complete_stop(Self self) {
   auto& st = self->state;
   st.stopping = false;
   for (auto& w : st.workers) {
+    if (!w)
+      continue;
     self->demonitor(w);
     self->send_exit(w, caf::exit_reason::user_shutdown);
   }
@@ -399,7 +540,8 @@ void stop_attempt(Self self, AfterStop after, const std::string& reason) {
   set_state(self, "stopping");
   fail_waiters(self, make_caf_error(Errc::cancelled, reason));
   for (auto& w : st.workers)
-    self->send_exit(w, make_caf_error(Errc::cancelled, reason));
+    if (w)
+      self->send_exit(w, make_caf_error(Errc::cancelled, reason));
   if (st.running.empty())
     return complete_stop(self);
   // Launchers kill their processes after stop_grace and report each end: the trainer's
@@ -709,50 +851,39 @@ void serve_get(Self self, const std::string& key, int64_t timeout_ms, caf::respo
   self->delayed_send(self, std::chrono::milliseconds(timeout_ms), store_expire_atom::value, key);
 }
 
-/// The pool granted the run's bundles: the first attempt starts.
-void placed(Self self, Placement& placement) {
+/// The pool granted the run's bundles: attempt `attempt` starts.
+void placed(Self self, Placement& placement, int64_t attempt) {
   auto& st = self->state;
   st.placing = false;
   st.waiting_reason.clear();
   st.placement = std::move(placement);
-  self->send(st.persister, unresult_atom::value, st.spec->dir); // a resumed run has not ended (yet)
-  launch_attempt(self, st.first_attempt);
+  if (attempt == st.first_attempt)
+    self->send(st.persister, unresult_atom::value, st.spec->dir); // a resumed run has not ended (yet)
+  launch_attempt(self, attempt);
 }
 
-void start(Self self) {
+/// Asks the pool for the run's bundles; attempt `attempt` starts once they are granted.
+/// A run that does not fit beside the others waits (with the pool's reason), one that can
+/// never fit ends with the pool's explanation.
+void request_placement(Self self, int64_t attempt) {
   auto& st = self->state;
-  if (st.attempt >= 0 || st.placing)
-    return;
-  std::error_code ec;
-  fs::create_directories(st.spec->dir, ec);
-  if (ec) {
-    st.error = RunError{Errc::io_error, "cannot create run directory '" + st.spec->dir + "': " + ec.message()};
-    st.attempt = 0;
-    return finish(self);
-  }
-  // Every job of the actor system places its workers through one pool: a run that does
-  // not fit beside the others waits ("pending", with the reason), one that can never fit
-  // ends with the pool's explanation.
-  st.pool = local_pool(self->system());
-  if (process_mode(self) && !open_hub(self)) {
-    st.attempt = 0;
-    return finish(self);
-  }
-  if (st.spec->placement) {
-    auto given = *st.spec->placement;
-    return placed(self, given);
-  }
   auto& scaling = st.spec->options.scaling;
-  PlacementRequest request{st.spec->name, scaling.worker_bundles(),
+  auto bundles = scaling.worker_bundles();
+  // worker_bundles shares this machine's cores among more workers than it has; a
+  // cluster's workers get a CPU each on their nodes (Ray's default).
+  if (st.cluster && scaling.resources_per_worker.cpus <= 0)
+    for (size_t i = 0; i < bundles.size(); ++i)
+      bundles[i].set("CPU", 1.0 + (i == 0 ? scaling.trainer_resources.cpus : 0.0));
+  PlacementRequest request{st.spec->name, std::move(bundles),
                            placement_strategy_from_string(scaling.placement_strategy)};
   st.placing = true;
   self->request(st.pool, caf::infinite, pool_request_atom::value, std::move(request))
-    .then([=](Placement& p) { placed(self, p); },
+    .then([=](Placement& p) { placed(self, p, attempt); },
           [=](caf::error& err) {
             auto& st = self->state;
             st.placing = false;
-            st.error = to_run_error(err, -1, 0);
-            st.attempt = 0;
+            st.error = to_run_error(err, -1, std::max<int64_t>(attempt, 0));
+            st.attempt = std::max<int64_t>(attempt, 0);
             finish(self);
           });
   // Asked after the request, so the pool answers with its decision made.
@@ -767,6 +898,52 @@ void start(Self self) {
     [](caf::error&) {
       // no reason to show; the placement itself still answers
     });
+}
+
+void start(Self self) {
+  auto& st = self->state;
+  if (st.attempt >= 0 || st.placing)
+    return;
+  std::error_code ec;
+  fs::create_directories(st.spec->dir, ec);
+  if (ec) {
+    st.error = RunError{Errc::io_error, "cannot create run directory '" + st.spec->dir + "': " + ec.message()};
+    st.attempt = 0;
+    return finish(self);
+  }
+  // Every job of the actor system places its workers through one pool (the cluster's,
+  // when the program connected to one).
+  st.cluster = cluster_of(self->system());
+  st.pool = st.cluster ? st.cluster->pool : local_pool(self->system());
+  if (st.cluster)
+    self->send(st.cluster->head, run_register_atom::value,
+               RunView{st.spec->name, process_label(), caf::actor_cast<caf::actor>(self)});
+  if (process_mode(self) && !open_hub(self)) {
+    st.attempt = 0;
+    return finish(self);
+  }
+  if (st.spec->placement) {
+    auto given = *st.spec->placement;
+    return placed(self, given, st.first_attempt);
+  }
+  request_placement(self, st.first_attempt);
+}
+
+/// The pool lost a node of this run's placement (a cluster's node died or stopped
+/// answering): its ranks there are gone with it, and the next attempt is placed anew.
+void placement_lost(Self self, uint64_t id, const std::string& node) {
+  auto& st = self->state;
+  if (!st.placement || st.placement->id != id || st.result)
+    return;
+  st.placement_lost = true;
+  st.agents.erase(node);
+  for (size_t rank = 0; rank < st.rank_nodes.size(); ++rank) {
+    auto r = static_cast<int64_t>(rank);
+    if (st.rank_nodes[rank] == node && st.running.count(r))
+      on_worker_exit(self, lost_rank(self, r, "rank " + std::to_string(r) + ": node '" + node +
+                                                "' was lost (its process ended or stopped "
+                                                "answering) and its worker process with it"));
+  }
 }
 
 } // namespace
@@ -820,9 +997,18 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
       return;
     }
     for (size_t rank = 0; rank < st.workers.size(); ++rank) {
-      if (st.workers[rank].address() != dm.source)
+      if (!st.workers[rank] || st.workers[rank].address() != dm.source)
         continue;
       auto r = static_cast<int64_t>(rank);
+      if (process_mode(self)) {
+        // A launcher reports its rank's end before it ends; one that vanished without
+        // (its node lost) leaves the rank ended with its process.
+        if (st.running.count(r) && !st.result)
+          on_worker_exit(self, lost_rank(self, r, "rank " + std::to_string(r) + ": the launcher of its worker process on node '" +
+                                                    st.rank_nodes[rank] + "' is gone (" +
+                                                    self->system().render(dm.reason) + ")"));
+        return;
+      }
       if (!st.stopping && st.running.count(r) && !st.result)
         worker_failed(self, RunError{Errc::worker_failed,
                                      "the worker actor of rank " + std::to_string(r) +
@@ -861,6 +1047,7 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
     // -- workers --
     [=](report_atom, WorkerReport& r) { return on_report(self, r); },
     [=](worker_exit_atom, const WorkerExit& exit) { on_worker_exit(self, exit); },
+    [=](pool_lost_atom, uint64_t id, const std::string& node) { placement_lost(self, id, node); },
     [=](stalled_atom, int64_t rank, int64_t attempt, double seconds) {
       if (attempt != self->state.attempt || !self->state.running.count(rank))
         return;

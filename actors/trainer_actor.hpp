@@ -13,6 +13,7 @@
 #include <caf/response_promise.hpp>
 #include <caf/stateful_actor.hpp>
 
+#include "actors/cluster.hpp"
 #include "actors/messages.hpp"
 #include "actors/pool_actor.hpp"
 #include "actors/worker.hpp"
@@ -61,6 +62,14 @@ struct TrainerState {
   std::string waiting_reason;
   /// The granted bundles; released when the run ends.
   std::optional<Placement> placement;
+  /// True when a node of `placement` was lost: the next attempt asks the pool again.
+  bool placement_lost = false;
+  /// The cluster this run's workers are placed on (the driver connected to one).
+  std::optional<ClusterHandle> cluster;
+  /// Node of each rank of the current attempt ("local" off a cluster).
+  std::vector<std::string> rank_nodes;
+  /// The agents of the cluster's nodes this driver connected to directly, by node id.
+  std::map<std::string, caf::actor> agents;
   // -- worker processes (ScalingConfig.worker_mode "process") --
   /// The run's hub, where its worker processes connect (published on `hub_port`).
   caf::actor hub;

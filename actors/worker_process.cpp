@@ -129,6 +129,23 @@ bool is_my_job(const RunSpec& spec) noexcept {
 
 void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
   auto& env = *env_slot();
+  // On a cluster the driver is another machine: connect to it directly, so that reports
+  // and the rendezvous store reach its trainer actor without passing through the node.
+  if (auto driver = take_env("CAFTRAIN_WORKER_DRIVER"); !driver.empty()) {
+    auto colon = driver.rfind(':');
+    caf::expected<caf::actor> reached = caf::sec::invalid_argument;
+    if (colon != std::string::npos) {
+      try {
+        reached = system.middleman().remote_actor(driver.substr(0, colon),
+                                                  static_cast<uint16_t>(std::stoi(driver.substr(colon + 1))));
+      } catch (const std::exception&) {
+        // reported below
+      }
+    }
+    if (!reached)
+      give_up("cannot reach the driver at '" + driver + "': " + system.render(reached.error()) +
+              " (a driver on another machine sets ClusterOptions::host to an address nodes reach)");
+  }
   auto hub = system.middleman().remote_actor(env.hub_host, env.hub_port);
   if (!hub)
     give_up("cannot reach the run's hub at " + env.hub_host + ":" + std::to_string(env.hub_port) +

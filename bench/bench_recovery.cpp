@@ -17,9 +17,17 @@
 // runs the workers as processes (this program started again per rank, gloo) and the
 // failure is a SIGKILL of rank 1's process, as the OOM killer sends it; the workers stamp
 // their moments into a file (steady_clock is one clock for every process of a machine).
+//
+//   build/bench/bench_recovery --cluster --repeats 5
+//
+// starts a cluster on this machine (`caftrain head` and 3 `caftrain node --cpus 1`), runs
+// the 2 workers on its nodes, and the failure is a SIGKILL of rank 1's node (its worker
+// process dies with it): recovery is then from the kill to the first step of the new
+// attempt on the nodes left. A fresh node replaces the killed one before the next repeat.
 #include <torch/torch.h>
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <caf/all.hpp>
@@ -32,11 +40,14 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench/bench_util.hpp"
 #include "caftrain.hpp"
+#include "core/subprocess.hpp"
 
 namespace {
 
@@ -55,6 +66,7 @@ struct Flags {
   int64_t steps_after = 5;
   int64_t repeats = 5;
   bool processes = false;
+  bool cluster = false;
   std::string dir = "/tmp/caftrain_bench";
 };
 
@@ -153,7 +165,7 @@ class Classifier : public caftrain::LightningModule {
 /// progress on rank 0 and times rank 0's undisturbed steps (the batch, not the report).
 class Probe : public caftrain::Callback {
  public:
-  Probe(int64_t rank, int64_t step) : rank_(rank), step_(step) {}
+  Probe(int64_t rank, int64_t step, bool cluster) : rank_(rank), step_(step), cluster_(cluster) {}
 
   void setup(caftrain::Trainer&, caftrain::LightningModule&, caftrain::Stage) override {
     if (watching())
@@ -167,6 +179,13 @@ class Probe : public caftrain::Callback {
                             const caftrain::Batch&, int64_t) override {
     auto& ctx = caftrain::train::get_context();
     if (ctx.attempt == 0 && ctx.world_rank == rank_ && t.global_step() == step_) {
+      if (auto stuck = caftrain::train::get_context().run_dir + ".stuck"; cluster_) {
+        // The driver kills this rank's node (stamping "throw"); wait for it.
+        std::ofstream(stuck + ".tmp") << ::getppid() << "\n";
+        std::filesystem::rename(stuck + ".tmp", stuck);
+        for (;;)
+          std::this_thread::sleep_for(std::chrono::seconds(1));
+      }
       marks().stamp("throw");
       if (caftrain::is_worker_process())
         ::raise(SIGKILL); // the process dies as the OOM killer ends it
@@ -193,6 +212,7 @@ class Probe : public caftrain::Callback {
 
   int64_t rank_;
   int64_t step_;
+  bool cluster_;
   Clock::time_point start_;
 };
 
@@ -211,7 +231,7 @@ void train_func(const caftrain::Config& c) {
     {.max_steps = c.get<int64_t>("steps"),
      .strategy = caftrain::DDPStrategy(),
      .plugins = {caftrain::ActorEnvironment()},
-     .callbacks = {Probe(1, c.get<int64_t>("fail_step")),
+     .callbacks = {Probe(1, c.get<int64_t>("fail_step"), c.get<bool>("cluster", false)),
                    caftrain::ReportCallback({.every_n_epochs = 0,
                                              .every_n_steps = c.get<int64_t>("checkpoint_every")})},
      .logger = false,
@@ -235,6 +255,64 @@ struct Sample {
   std::vector<std::pair<const char*, double>> phases;
 };
 
+/// A head and nodes of the `caftrain` command on this machine (--cluster).
+class LocalCluster {
+ public:
+  LocalCluster(caf::actor_system& sys, const std::string& dir) : sys_(sys), dir_(dir) {
+    token_ = dir + "/token";
+    std::ofstream(token_) << "bench-token\n";
+    ::chmod(token_.c_str(), 0600);
+    auto address_file = dir + "/head-address";
+    std::filesystem::remove(address_file);
+    pids_.push_back(caftrain::spawn_process(CAFTRAIN_CLI, {CAFTRAIN_CLI, "head", "--host", "127.0.0.1", "--port", "0",
+                                                           "--token-file", token_, "--address-file", address_file},
+                                            {}));
+    for (int i = 0; i < 300 && address_.empty(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      std::ifstream(address_file) >> address_;
+    }
+    if (address_.empty())
+      throw std::runtime_error("the head did not start");
+    caftrain::connect(sys, address_, {.token_file = token_});
+  }
+  ~LocalCluster() {
+    for (auto pid : pids_)
+      ::kill(pid, SIGKILL);
+    for (auto pid : pids_)
+      caftrain::wait_process(pid);
+  }
+  /// Starts nodes of 1 CPU until the head lists `n`.
+  void keep_nodes(size_t n) {
+    auto head = caftrain::cluster_of(sys_)->head;
+    caf::scoped_actor self{sys_};
+    for (int tries = 0; tries < 600; ++tries) {
+      size_t have = 0;
+      self->request(head, std::chrono::seconds(5), caftrain::cluster_status_atom::value)
+        .receive([&](caftrain::ClusterStatus& st) { have = st.nodes.size(); }, [](caf::error&) {});
+      if (have >= n)
+        return;
+      if (have + starting_ < n) {
+        ++starting_;
+        pids_.push_back(caftrain::spawn_process(
+          CAFTRAIN_CLI, {CAFTRAIN_CLI, "node", "--head", address_, "--cpus", "1", "--name",
+                         "node-" + std::to_string(pids_.size()), "--token-file", token_},
+          {}));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    throw std::runtime_error("the nodes did not join");
+  }
+  void joined() {
+    starting_ = 0;
+  }
+
+ private:
+  caf::actor_system& sys_;
+  std::string dir_, token_, address_;
+  std::vector<pid_t> pids_;
+  size_t starting_ = 0;
+};
+
 Sample run_once(caf::actor_system& sys, const Flags& f, int64_t repeat) {
   marks().clear();
   caftrain::TorchTrainerOptions o;
@@ -250,7 +328,24 @@ Sample run_once(caf::actor_system& sys, const Flags& f, int64_t repeat) {
   o.run.callbacks = {std::make_shared<FailureStamp>()};
   auto marks_file = f.dir + "/" + o.run.name + ".marks";
   o.train_loop_config.set("marks", marks_file);
-  auto result = caftrain::TorchTrainer(sys, train_func, o).fit();
+  o.train_loop_config.set("cluster", f.cluster);
+  if (f.cluster)
+    o.scaling.placement_strategy = "SPREAD";
+  caftrain::TorchTrainer trainer(sys, train_func, o);
+  if (f.cluster && !caftrain::is_worker_process()) {
+    trainer.start(); // a worker process runs its rank here and ends
+    auto stuck = trainer.path() + ".stuck";
+    for (int i = 0; i < 6000 && !std::filesystem::exists(stuck); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::string node;
+    std::ifstream(stuck) >> node;
+    if (node.empty())
+      throw std::runtime_error("rank 1 did not reach the failure step");
+    marks().stamp("throw");
+    ::kill(std::stoi(node), SIGKILL);
+    std::filesystem::remove(stuck);
+  }
+  auto result = trainer.fit();
   if (caftrain::is_worker_process())
     return {}; // a worker process of a later repeat passes this one by
   marks().read(marks_file);
@@ -291,10 +386,12 @@ Flags parse(int argc, char** argv) {
       f.dir = next();
     else if (a == "--processes")
       f.processes = true;
+    else if (a == "--cluster")
+      f.cluster = f.processes = true;
     else {
       std::cerr << "unknown flag " << a << "\n"
                 << "flags: --workers N --batch N --fail-step N --checkpoint-every N --repeats N "
-                   "--dir DIR --processes\n";
+                   "--dir DIR --processes --cluster\n";
       std::exit(2);
     }
   }
@@ -312,9 +409,18 @@ int main(int argc, char** argv) {
   caf::actor_system_config cfg;
   caftrain::init(cfg);
   caf::actor_system sys{cfg};
+  std::optional<LocalCluster> cluster;
+  if (f.cluster && !caftrain::is_worker_process()) {
+    std::filesystem::create_directories(f.dir);
+    cluster.emplace(sys, f.dir);
+  }
   std::vector<Sample> samples;
   std::vector<double> recoveries, steps;
   for (int64_t r = 0; r < f.repeats; ++r) {
+    if (cluster) {
+      cluster->keep_nodes(3); // a fresh node replaces the one killed
+      cluster->joined();
+    }
     samples.push_back(run_once(sys, f, r));
     if (caftrain::is_worker_process())
       continue; // on its way to its own repeat
@@ -330,9 +436,9 @@ int main(int argc, char** argv) {
   });
   std::printf("workers=%lld (%s) model=mlp batch=%lld checkpoint every %lld steps, failure (%s) "
               "before step %lld (resumes from step %lld)\n",
-              static_cast<long long>(f.workers), f.processes ? "processes" : "threads", static_cast<long long>(f.batch),
+              static_cast<long long>(f.workers), f.cluster ? "processes on 3 nodes" : f.processes ? "processes" : "threads", static_cast<long long>(f.batch),
               static_cast<long long>(f.checkpoint_every),
-              f.processes ? "SIGKILL of rank 1's process" : "rank 1 throws",
+              f.cluster ? "SIGKILL of rank 1's node" : f.processes ? "SIGKILL of rank 1's process" : "rank 1 throws",
               static_cast<long long>(f.fail_step + 1),
               static_cast<long long>(f.fail_step / f.checkpoint_every * f.checkpoint_every));
   std::printf("phases of the median repeat (rank 0 of the new attempt):\n");

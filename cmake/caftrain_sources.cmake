@@ -56,7 +56,10 @@ set(CAFTRAIN_SOURCES
   train/trainer.cpp
   train/trainer_state.cpp
   # actors: the trainer, its workers, messages, and the TorchTrainer façade
+  actors/cluster.cpp
+  actors/head.cpp
   actors/messages.cpp
+  actors/node_agent.cpp
   actors/pool_actor.cpp
   actors/process_launcher.cpp
   actors/resource_pool.cpp

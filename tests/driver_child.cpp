@@ -1,8 +1,9 @@
 // A driver the worker-process tests kill: starts a run of 2 worker processes (itself,
 // started again) that write their pid to <out>/worker-<rank> and then train forever.
 //
-//   build/tests/caftrain_driver_child <storage_path> <out_dir>
+//   build/tests/caftrain_driver_child <storage_path> <out_dir> [<head address> <token file>]
 //
+// With a head's address it connects to that cluster and the workers run on its nodes.
 // Never ends by itself; exits 2 on bad arguments, 1 when the run fails.
 #include <caf/all.hpp>
 
@@ -17,13 +18,15 @@
 #include "caftrain.hpp"
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::cerr << "usage: caftrain_driver_child <storage_path> <out_dir>\n";
+  if (argc != 3 && argc != 5) {
+    std::cerr << "usage: caftrain_driver_child <storage_path> <out_dir> [<head address> <token file>]\n";
     return 2;
   }
   caf::actor_system_config cfg;
   caftrain::init(cfg);
   caf::actor_system sys{cfg};
+  if (argc == 5)
+    caftrain::connect(sys, argv[3], {.token_file = argv[4]});
   caftrain::TorchTrainerOptions o;
   o.train_loop_config = {{"out", std::string(argv[2])}};
   o.scaling.num_workers = 2;

@@ -7,6 +7,8 @@
 //   build/examples/fashion_mnist --workers 2 --strategy zero_stage_2 # RayDeepSpeedStrategy's
 //   build/examples/fashion_mnist --workers 1 --gpu  # on a CUDA GPU over NCCL (GPU builds)
 //   build/examples/fashion_mnist --workers 2 --processes # each worker its own process (gloo)
+//   build/examples/fashion_mnist --workers 2 --address 127.0.0.1:6380 # on a cluster's nodes
+//       (after `caftrain head --port 6380` and `caftrain node --head 127.0.0.1:6380`)
 //
 // By default 1 epoch of 100 batches (per worker) and 20 validation batches, which take a
 // few minutes on 2 cores. Prints the progress bar of rank 0, the reported metrics, and at
@@ -82,6 +84,8 @@ struct Flags {
   std::string strategy = "ddp";
   bool gpu = false;
   bool processes = false;
+  std::string address;
+  std::string token_file;
 };
 
 [[noreturn]] void usage(const std::string& problem) {
@@ -91,7 +95,9 @@ struct Flags {
             << "       --threads N (default: all cores)  --full  --data DIR  --output DIR\n"
             << "       --strategy ddp|zero_stage_1|zero_stage_2|fsdp (with --workers; default ddp)\n"
             << "       --gpu (workers on CUDA GPUs, NCCL; with --workers)\n"
-            << "       --processes (each worker its own process of this program; with --workers)\n";
+            << "       --processes (each worker its own process of this program; with --workers)\n"
+            << "       --address HOST:PORT (workers on the nodes of the cluster whose head is there)\n"
+            << "       --token-file F (the cluster's token; default ~/.caftrain/cluster_token)\n";
   std::exit(2);
 }
 
@@ -136,6 +142,10 @@ Flags parse(int argc, char** argv) {
       f.gpu = true;
     else if (a == "--processes")
       f.processes = true;
+    else if (a == "--address")
+      f.address = value();
+    else if (a == "--token-file")
+      f.token_file = value();
     else
       usage("unknown flag " + a);
   }
@@ -207,6 +217,10 @@ int run_distributed(const Flags& flags) {
   caf::actor_system_config cfg;
   caftrain::init(cfg);
   caf::actor_system sys{cfg};
+  // On a cluster every worker is a process on one of its nodes (as `ray.init(address=...)`).
+  if (!flags.address.empty())
+    caftrain::connect(sys, flags.address, {.token_file = flags.token_file});
+  auto processes = flags.processes || !flags.address.empty();
   caftrain::TorchTrainer trainer(
     sys, train_func,
     {.train_loop_config = {{"data", flags.data},
@@ -218,7 +232,7 @@ int run_distributed(const Flags& flags) {
                            {"strategy", flags.strategy}},
      .scaling = {.num_workers = flags.workers,
                  .use_gpu = flags.gpu,
-                 .worker_mode = flags.processes ? "process" : "thread"},
+                 .worker_mode = processes ? "process" : "thread"},
      .run = {.name = "fashion_mnist_" + std::to_string(::getpid()),
              .storage_path = flags.output,
              .failure = {.max_failures = 3},
@@ -246,8 +260,8 @@ int main(int argc, char** argv) {
   auto flags = parse(argc, argv);
   if (flags.workers < 0)
     usage("--workers must be 0 (this process) or more");
-  if (flags.workers == 0 && (flags.strategy != "ddp" || flags.gpu || flags.processes))
-    usage("--strategy, --gpu and --processes choose how workers train; add --workers N");
+  if (flags.workers == 0 && (flags.strategy != "ddp" || flags.gpu || flags.processes || !flags.address.empty()))
+    usage("--strategy, --gpu, --processes and --address choose how workers train; add --workers N");
   // libtorch may default to fewer threads than cores; use them all unless told otherwise.
   // (Workers of a TorchTrainer set their own share: cores / workers.)
   torch::set_num_threads(flags.threads > 0 ? static_cast<int>(flags.threads)

@@ -1,0 +1,480 @@
+// Clusters on one machine: a real `caftrain head` and `caftrain node` processes on
+// loopback, this test binary as the driver, and its worker processes started by the
+// nodes (this binary again, for the running test case).
+//
+// The code of a test case runs in every worker process too, up to the TorchTrainer the
+// process was started for: so the head and nodes are started by the driver only.
+#include <catch2/catch.hpp>
+
+#include <caf/all.hpp>
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+
+#include "actors/cluster.hpp"
+#include "core/subprocess.hpp"
+#include "helpers.hpp"
+
+using namespace caftrain;
+using Catch::Matchers::Contains;
+
+namespace {
+
+namespace fs = std::filesystem;
+using System = test::ActorSystem;
+using Clock = std::chrono::steady_clock;
+
+class Classifier : public LightningModule {
+ public:
+  Classifier() {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+    fc2 = register_module("fc2", torch::nn::Linear(16, 3));
+  }
+  at::Tensor training_step(const Batch& batch, int64_t) override {
+    auto loss = torch::nn::functional::cross_entropy(fc2->forward(torch::relu(fc1->forward(batch.data))),
+                                                     batch.target);
+    log("loss", loss);
+    return loss;
+  }
+  Optimizers configure_optimizers() override {
+    return {std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-2))};
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+
+/// Rank 1 of attempt 0, at global step 7, writes its node's pid (its parent) to
+/// `<out>/stuck` and waits there: the test kills that node.
+class WaitForNodeKill : public Callback {
+ public:
+  explicit WaitForNodeKill(std::string marker) : marker_(std::move(marker)) {}
+  void on_train_batch_start(Trainer& t, LightningModule&, const Batch&, int64_t) override {
+    auto& ctx = train::get_context();
+    if (marker_.empty() || ctx.world_rank != 1 || ctx.attempt != 0 || t.global_step() != 7)
+      return;
+    {
+      std::ofstream f(marker_ + ".tmp");
+      f << ::getppid() << "\n";
+    }
+    fs::rename(marker_ + ".tmp", marker_);
+    for (;;)
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+
+ private:
+  std::string marker_;
+};
+
+std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v ? v : fallback;
+}
+
+/// 2 epochs of 6 steps on each of 2 ranks, a report every step and a checkpoint every
+/// third. Each worker writes where it ran (pid, its node's pid, torch's variables) to
+/// `<out>/a<attempt>-r<rank>`.
+void train_func(const Config& c) {
+  auto& ctx = train::get_context();
+  auto out = c.get<std::string>("out", "");
+  if (!out.empty()) {
+    std::ofstream f(out + "/a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank));
+    f << ::getpid() << " " << ::getppid() << " " << env_or("RANK", "-") << " " << env_or("LOCAL_RANK", "-")
+      << " " << env_or("WORLD_SIZE", "-") << " " << env_or("LOCAL_WORLD_SIZE", "-") << " "
+      << env_or("NODE_RANK", "-") << " " << ctx.node_rank << " " << ctx.local_rank << "\n";
+  }
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  auto data = std::make_shared<data::TensorDataset>(torch::randn({192, 8}, gen),
+                                                    torch::randint(0, 3, {192}, gen));
+  auto model = with_seed(0, [] { return std::make_shared<Classifier>(); });
+  Trainer trainer({.max_epochs = 2,
+                   .strategy = DDPStrategy({.broadcast_buffers = false}),
+                   .plugins = {ActorEnvironment()},
+                   .callbacks = {WaitForNodeKill(c.get<bool>("wait_for_kill", false) ? out + "/stuck" : ""),
+                                 ReportCallback({.every_n_epochs = 0, .every_n_steps = 1, .checkpoint_every = 3})},
+                   .logger = false,
+                   .enable_progress_bar = false});
+  trainer = prepare_trainer(std::move(trainer));
+  auto ckpt = train::get_checkpoint();
+  trainer.fit(model, data::DataLoader(data, {.batch_size = 16, .shuffle = true, .seed = 9}),
+              std::nullopt, ckpt ? ckpt->path() : "");
+}
+
+TorchTrainerOptions options(const test::TempDir& dir, const std::string& name, const std::string& mode) {
+  TorchTrainerOptions o;
+  o.train_loop_config = {{"out", dir / ("where-" + name)}};
+  o.scaling.num_workers = 2;
+  o.scaling.worker_mode = mode;
+  o.scaling.placement_strategy = "SPREAD";
+  o.torch_config.backend = "gloo";
+  o.run.name = name;
+  o.run.storage_path = dir.path();
+  o.run.stop_grace = std::chrono::seconds(2);
+  o.run.heartbeat_timeout = std::chrono::seconds(20);
+  return o;
+}
+
+/// What worker `rank` of `attempt` wrote of where it ran.
+std::vector<std::string> where(const TorchTrainerOptions& o, int attempt, int rank) {
+  std::ifstream f(o.train_loop_config.get<std::string>("out") + "/a" + std::to_string(attempt) + "-r" +
+                  std::to_string(rank));
+  std::vector<std::string> words;
+  for (std::string w; f >> w;)
+    words.push_back(w);
+  return words;
+}
+
+bool process_exists(const std::string& pid) {
+  std::ifstream stat("/proc/" + pid + "/stat");
+  std::string line;
+  if (!std::getline(stat, line))
+    return false;
+  auto state = line.find(") ");
+  return state != std::string::npos && line[state + 2] != 'Z';
+}
+
+/// Every worker process that wrote a file in `o`'s out directory is gone.
+void check_none_left(const TorchTrainerOptions& o) {
+  auto deadline = Clock::now() + std::chrono::seconds(5);
+  for (auto& entry : fs::directory_iterator(o.train_loop_config.get<std::string>("out"))) {
+    if (entry.path().filename() == "stuck")
+      continue;
+    std::ifstream f(entry.path());
+    std::string pid;
+    f >> pid;
+    while (process_exists(pid) && Clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CAPTURE(entry.path().string(), pid);
+    CHECK_FALSE(process_exists(pid));
+  }
+}
+
+void write_token(const std::string& path, const std::string& token) {
+  std::ofstream(path) << token << "\n";
+  ::chmod(path.c_str(), 0600);
+}
+
+/// A head and its nodes, as `caftrain` processes on loopback; all killed at the end.
+class Cluster {
+ public:
+  explicit Cluster(const test::TempDir& dir) : dir_(dir) {
+    token_file = dir / "token";
+    write_token(token_file, "the-cluster-token");
+    auto address_file = dir / "head-address";
+    head_ = spawn_process(CAFTRAIN_CLI, {CAFTRAIN_CLI, "head", "--host", "127.0.0.1", "--port", "0",
+                                         "--token-file", token_file, "--address-file", address_file},
+                          {});
+    auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (address.empty() && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      std::ifstream f(address_file);
+      f >> address;
+    }
+  }
+
+  ~Cluster() {
+    for (auto& [name, pid] : nodes_)
+      stop(pid);
+    stop(head_);
+  }
+
+  /// Starts `caftrain node --name NAME --cpus CPUS` with `token_file` (the cluster's by
+  /// default); returns its pid.
+  pid_t add_node(const std::string& name, int cpus, const std::string& token = "") {
+    auto pid = spawn_process(CAFTRAIN_CLI, {CAFTRAIN_CLI, "node", "--head", address, "--name", name, "--cpus",
+                                            std::to_string(cpus), "--token-file",
+                                            token.empty() ? token_file : token},
+                             {});
+    nodes_[name] = pid;
+    return pid;
+  }
+
+  /// Waits until the head lists `n` nodes (as seen from `sys`, which is connected).
+  bool wait_for_nodes(caf::actor_system& sys, size_t n) {
+    auto cluster = cluster_of(sys);
+    if (!cluster)
+      return false;
+    caf::scoped_actor self{sys};
+    auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (Clock::now() < deadline) {
+      size_t have = 0;
+      self->request(cluster->head, std::chrono::seconds(5), cluster_status_atom::value)
+        .receive([&](ClusterStatus& st) { have = st.nodes.size(); }, [](caf::error&) {});
+      if (have == n)
+        return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+
+  ClusterStatus status(caf::actor_system& sys) {
+    ClusterStatus out;
+    caf::scoped_actor self{sys};
+    self->request(cluster_of(sys)->head, std::chrono::seconds(5), cluster_status_atom::value)
+      .receive([&](ClusterStatus& st) { out = std::move(st); }, [](caf::error&) {});
+    return out;
+  }
+
+  pid_t node_pid(const std::string& name) {
+    return nodes_.at(name);
+  }
+
+  std::string address;
+  std::string token_file;
+
+ private:
+  static void stop(pid_t pid) {
+    if (pid <= 0)
+      return;
+    ::kill(pid, SIGKILL);
+    wait_process(pid);
+  }
+
+  const test::TempDir& dir_;
+  pid_t head_ = -1;
+  std::map<std::string, pid_t> nodes_;
+};
+
+} // namespace
+
+TEST_CASE("A head and two nodes run a 2-worker DDP run across both nodes and end with the weights of thread workers", "[cluster]") {
+  test::TempDir dir;
+  auto threads = options(dir, "threads", "thread");
+  auto spread = options(dir, "spread", "process");
+  Result by_threads, by_cluster;
+  {
+    System local; // not connected: threads of this process
+    if (!is_worker_process())
+      fs::create_directories(threads.train_loop_config.get<std::string>("out"));
+    by_threads = TorchTrainer(local.sys, train_func, threads).fit();
+  }
+  std::optional<Cluster> cluster;
+  System s;
+  if (!is_worker_process()) {
+    cluster.emplace(dir);
+    REQUIRE_FALSE(cluster->address.empty());
+    cluster->add_node("node-a", 1);
+    cluster->add_node("node-b", 1);
+    connect(s.sys, cluster->address, {.token_file = cluster->token_file});
+    REQUIRE(cluster->wait_for_nodes(s.sys, 2));
+    fs::create_directories(spread.train_loop_config.get<std::string>("out"));
+  }
+  by_cluster = TorchTrainer(s.sys, train_func, spread).fit();
+  INFO((by_cluster.error ? by_cluster.error->message : ""));
+  REQUIRE(by_threads.ok());
+  REQUIRE(by_cluster.ok());
+  REQUIRE(by_cluster.metrics_history.size() == 12);
+  test::check_same_weights(by_threads, by_cluster);
+  // pid, node pid, RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE NODE_RANK, context's
+  // node rank and local rank: one rank on each node.
+  auto r0 = where(spread, 0, 0), r1 = where(spread, 0, 1);
+  REQUIRE(r0.size() == 9);
+  REQUIRE(r1.size() == 9);
+  std::vector<std::string> nodes = {r0[1], r1[1]};
+  std::sort(nodes.begin(), nodes.end());
+  std::vector<std::string> expected = {std::to_string(cluster->node_pid("node-a")),
+                                       std::to_string(cluster->node_pid("node-b"))};
+  std::sort(expected.begin(), expected.end());
+  CHECK(nodes == expected);
+  CHECK(std::vector<std::string>(r0.begin() + 2, r0.end()) ==
+        std::vector<std::string>{"0", "0", "2", "1", "0", "0", "0"});
+  CHECK(std::vector<std::string>(r1.begin() + 2, r1.end()) ==
+        std::vector<std::string>{"1", "0", "2", "1", "1", "1", "0"});
+  check_none_left(spread);
+  // The run gave its resources back.
+  auto status = cluster->status(s.sys);
+  REQUIRE(status.nodes.size() == 2);
+  for (auto& n : status.nodes)
+    CHECK(n.available.get("CPU") == n.total.get("CPU"));
+}
+
+TEST_CASE("A node SIGKILLed mid-run is detected within 2 s and the run ends on the remaining nodes with the weights of an undisturbed run", "[cluster]") {
+  test::TempDir dir;
+  auto clean = options(dir, "clean", "thread");
+  auto faulty = options(dir, "faulty", "process");
+  faulty.train_loop_config.set("wait_for_kill", true);
+  faulty.run.failure.max_failures = 1;
+  Result undisturbed;
+  {
+    System local;
+    if (!is_worker_process())
+      fs::create_directories(clean.train_loop_config.get<std::string>("out"));
+    undisturbed = TorchTrainer(local.sys, train_func, clean).fit();
+  }
+  struct FailureTime : RunCallback {
+    std::atomic<int64_t> at_ns{0};
+    std::string error;
+    void on_failure(const std::string& e, int64_t, bool) override {
+      error = e;
+      at_ns = Clock::now().time_since_epoch().count();
+    }
+  };
+  auto failure = std::make_shared<FailureTime>();
+  faulty.run.callbacks = {failure};
+  std::optional<Cluster> cluster;
+  System s;
+  if (!is_worker_process()) {
+    cluster.emplace(dir);
+    REQUIRE_FALSE(cluster->address.empty());
+    for (auto name : {"node-a", "node-b", "node-c"})
+      cluster->add_node(name, 1);
+    connect(s.sys, cluster->address, {.token_file = cluster->token_file});
+    REQUIRE(cluster->wait_for_nodes(s.sys, 3));
+    fs::create_directories(faulty.train_loop_config.get<std::string>("out"));
+  }
+  TorchTrainer trainer(s.sys, train_func, faulty);
+  trainer.start(); // a worker process runs its rank here and ends
+  auto marker = faulty.train_loop_config.get<std::string>("out") + "/stuck";
+  auto deadline = Clock::now() + std::chrono::seconds(120);
+  while (!fs::exists(marker) && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(fs::exists(marker));
+  std::string node_pid;
+  std::ifstream(marker) >> node_pid;
+  auto killed_at = Clock::now();
+  REQUIRE(::kill(std::stoi(node_pid), SIGKILL) == 0);
+  auto result = trainer.fit();
+  INFO((result.error ? result.error->message : ""));
+  REQUIRE(undisturbed.ok());
+  REQUIRE(result.ok());
+  CHECK(result.attempts == 2);
+  CHECK_THAT(failure->error, Contains("was lost") || Contains("is gone"));
+  auto detected = std::chrono::duration<double>(Clock::duration(failure->at_ns.load()) - killed_at.time_since_epoch()).count();
+  CAPTURE(detected);
+  CHECK(detected < 2.0);
+  REQUIRE(result.metrics_history.size() == 12);
+  for (size_t i = 0; i < 12; ++i)
+    CHECK(result.metrics_history[i].attempt == (i < 6 ? 0 : 1));
+  test::check_same_weights(undisturbed, result);
+  // Attempt 1 ran on the two nodes that were left.
+  auto r0 = where(faulty, 1, 0), r1 = where(faulty, 1, 1);
+  REQUIRE(r0.size() == 9);
+  REQUIRE(r1.size() == 9);
+  CHECK(r0[1] != node_pid);
+  CHECK(r1[1] != node_pid);
+  CHECK(r0[1] != r1[1]);
+  check_none_left(faulty);
+  CHECK(cluster->status(s.sys).nodes.size() == 2);
+}
+
+TEST_CASE("A cluster refuses a wrong token, and a run it can never hold, naming the problem", "[cluster]") {
+  test::TempDir dir;
+  Cluster cluster(dir);
+  REQUIRE_FALSE(cluster.address.empty());
+  cluster.add_node("good", 1);
+  auto wrong = dir / "wrong-token";
+  write_token(wrong, "not-the-token");
+  auto intruder = cluster.add_node("intruder", 4, wrong);
+  CHECK(describe_exit(wait_process(intruder)) == "exited with status 2");
+  System s;
+  {
+    System other;
+    CHECK_THROWS_WITH(connect(other.sys, cluster.address, {.token_file = wrong}),
+                      Contains("refused") && Contains("token does not match"));
+    CHECK_FALSE(cluster_of(other.sys).has_value());
+    CHECK_THROWS_WITH(connect(other.sys, cluster.address, {.token_file = dir / "missing"}),
+                      Contains("token file") && Contains("does not exist"));
+    auto open_token = dir / "open-token";
+    std::ofstream(open_token) << "x\n";
+    ::chmod(open_token.c_str(), 0644);
+    CHECK_THROWS_WITH(connect(other.sys, cluster.address, {.token_file = open_token}),
+                      Contains("chmod 600"));
+  }
+  connect(s.sys, cluster.address, {.token_file = cluster.token_file});
+  REQUIRE(cluster.wait_for_nodes(s.sys, 1));
+  auto status = cluster.status(s.sys);
+  REQUIRE(status.nodes.size() == 1);
+  CHECK(status.nodes[0].id == "good");
+  CHECK(status.nodes[0].total.get("CPU") == 1);
+  // Two workers of a CPU each on STRICT_PACK cannot fit a cluster of one 1-CPU node.
+  auto o = options(dir, "too_big", "process");
+  o.scaling.placement_strategy = "STRICT_PACK";
+  o.scaling.resources_per_worker.cpus = 1;
+  auto result = TorchTrainer(s.sys, train_func, o).fit();
+  REQUIRE_FALSE(result.ok());
+  CHECK(result.error->code == Errc::invalid_config);
+  // Thread workers cannot run on a cluster's nodes.
+  CHECK_THROWS_WITH(TorchTrainer(s.sys, train_func, options(dir, "threads", "thread")),
+                    Contains("worker_mode = \"process\""));
+  // The command line tool sees the same cluster.
+  auto status_rc = wait_process(spawn_process(CAFTRAIN_CLI, {CAFTRAIN_CLI, "status", "--head", cluster.address,
+                                                             "--token-file", cluster.token_file},
+                                              {}));
+  CHECK(describe_exit(status_rc) == "exited with status 0");
+  auto refused_rc = wait_process(spawn_process(CAFTRAIN_CLI, {CAFTRAIN_CLI, "status", "--head", cluster.address,
+                                                              "--token-file", wrong},
+                                               {}));
+  CHECK(describe_exit(refused_rc) == "exited with status 2");
+}
+
+TEST_CASE("A driver that dies takes its run's worker processes on the cluster's nodes with it", "[cluster]") {
+  test::TempDir dir;
+  Cluster cluster(dir);
+  REQUIRE_FALSE(cluster.address.empty());
+  cluster.add_node("node-a", 1);
+  cluster.add_node("node-b", 1);
+  System s;
+  connect(s.sys, cluster.address, {.token_file = cluster.token_file});
+  REQUIRE(cluster.wait_for_nodes(s.sys, 2));
+  auto out = dir / "out";
+  fs::create_directories(out);
+  auto driver = spawn_process(CAFTRAIN_DRIVER_CHILD, {CAFTRAIN_DRIVER_CHILD, dir.path(), out, cluster.address,
+                                                      cluster.token_file},
+                              {});
+  auto deadline = Clock::now() + std::chrono::seconds(60);
+  std::vector<std::string> pids;
+  while (pids.size() < 2 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    pids.clear();
+    for (int rank = 0; rank < 2; ++rank) {
+      std::string pid;
+      if (std::ifstream(out + "/worker-" + std::to_string(rank)) >> pid)
+        pids.push_back(pid);
+    }
+  }
+  REQUIRE(pids.size() == 2);
+  for (auto& pid : pids)
+    CHECK(process_exists(pid));
+  CHECK(cluster.status(s.sys).runs.size() == 1);
+  ::kill(driver, SIGKILL);
+  wait_process(driver);
+  // The head sees the driver's connection close and tells the nodes, which stop the
+  // run's processes (the workers ignore nothing: they are killed after stop_grace).
+  deadline = Clock::now() + std::chrono::seconds(20);
+  auto alive = [&] {
+    return std::count_if(pids.begin(), pids.end(), [](auto& pid) { return process_exists(pid); });
+  };
+  while (alive() > 0 && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(alive() == 0);
+  CHECK(cluster.status(s.sys).runs.empty());
+  // The nodes got their CPUs back.
+  for (auto& n : cluster.status(s.sys).nodes)
+    CHECK(n.available.get("CPU") == n.total.get("CPU"));
+}
+
+TEST_CASE("A node of another protocol version is refused by name", "[cluster]") {
+  test::TempDir dir;
+  Cluster cluster(dir);
+  REQUIRE_FALSE(cluster.address.empty());
+  System s;
+  connect(s.sys, cluster.address, {.token_file = cluster.token_file});
+  JoinRequest join;
+  join.protocol = kClusterProtocol + 1;
+  join.token = "the-cluster-token";
+  join.name = "future";
+  join.resources.set("CPU", 1);
+  caf::scoped_actor self{s.sys};
+  join.agent = caf::actor_cast<caf::actor>(self);
+  std::string refused;
+  self->request(cluster_of(s.sys)->head, std::chrono::seconds(5), join_atom::value, join)
+    .receive([](std::string&) {}, [&](caf::error& err) { refused = to_run_error(err).message; });
+  CHECK_THAT(refused, Contains("protocol " + std::to_string(kClusterProtocol + 1)) &&
+                        Contains("same caftrain version"));
+  CHECK(cluster.status(s.sys).nodes.empty());
+}
