@@ -444,6 +444,8 @@ int main(int argc, char** argv) {
   std::printf("phases of the median repeat (rank 0 of the new attempt):\n");
   for (auto& [name, ms] : typical.phases)
     std::printf("  %-50s %8.1f ms\n", name, ms);
+  // A node's loss has the 2 s target of issue 11; a worker's failure the 1 s one.
+  auto target = f.cluster ? 2 * kTargetMs : kTargetMs;
   std::printf("median recovery: %.1f ms; undisturbed step (median): %.1f ms\n", med, median(steps));
-  std::printf("ratio recovery / 1 s target: %.3f\n", med / kTargetMs);
+  std::printf("ratio recovery / %.0f s target: %.3f\n", target / 1000, med / target);
 }
