@@ -45,15 +45,6 @@ std::string default_token_file() {
 
 namespace {
 
-std::string fresh_token() {
-  std::random_device rd;
-  static const char* hex = "0123456789abcdef";
-  std::string token;
-  for (int i = 0; i < 48; ++i)
-    token += hex[rd() % 16];
-  return token;
-}
-
 const char* kTokenHelp = "copy the file `caftrain head` wrote (by default ~/.caftrain/cluster_token "
                          "on the head's machine) and name it with --token-file or "
                          "CAFTRAIN_TOKEN_FILE";
@@ -71,7 +62,7 @@ std::string read_token(const std::string& given, bool create) {
     int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
     if (fd < 0)
       throw Error(Errc::io_error, "cannot create the cluster token file '" + path + "': " + std::strerror(errno));
-    auto token = fresh_token() + "\n";
+    auto token = random_hex(48) + "\n";
     auto written = ::write(fd, token.data(), token.size());
     ::fsync(fd);
     ::close(fd);
@@ -112,6 +103,26 @@ std::pair<std::string, uint16_t> parse_address(const std::string& address) {
   }
 }
 
+std::string random_hex(size_t n) {
+  std::random_device rd;
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < n; ++i)
+    out += hex[rd() % 16];
+  return out;
+}
+
+caf::expected<caf::actor> reach(caf::actor_system& system, const std::string& host, uint16_t port,
+                                std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    auto found = system.middleman().remote_actor(host, port);
+    if (found || std::chrono::steady_clock::now() > deadline)
+      return found;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
 std::string process_label() {
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
@@ -139,23 +150,12 @@ void connect(caf::actor_system& system, const std::string& address, ClusterOptio
     return;
   auto [host, port] = parse_address(address);
   auto token = read_token(options.token_file);
-  auto deadline = std::chrono::steady_clock::now() + options.timeout;
-  caf::actor head;
-  caf::error last;
-  for (;;) {
-    auto found = system.middleman().remote_actor(host, port);
-    if (found)
-      head = std::move(*found);
-    else
-      last = std::move(found.error());
-    if (head || std::chrono::steady_clock::now() > deadline)
-      break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
-  if (!head)
+  auto reached = reach(system, host, port, options.timeout);
+  if (!reached)
     throw Error(Errc::unavailable, "cannot reach the cluster head at " + address + ": " +
-                                     system.render(last) +
+                                     system.render(reached.error()) +
                                      "; start one with `caftrain head --port " + std::to_string(port) + "`");
+  auto head = std::move(*reached);
   caf::scoped_actor self{system};
   std::optional<ClusterHandle> handle;
   std::string refused;

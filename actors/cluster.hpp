@@ -20,6 +20,7 @@
 
 #include <caf/actor.hpp>
 #include <caf/atom.hpp>
+#include <caf/expected.hpp>
 #include <caf/fwd.hpp>
 #include <caf/meta/type_name.hpp>
 
@@ -152,6 +153,14 @@ std::string read_token(const std::string& path, bool create = false);
 
 /// Splits "host:port"; throws `Error(invalid_argument)` naming the expected form.
 std::pair<std::string, uint16_t> parse_address(const std::string& address);
+
+/// `n` random hexadecimal digits (tokens, worker keys).
+std::string random_hex(size_t n);
+
+/// The actor published at `host:port`, trying again every 200 ms until `timeout` is
+/// over (a head or node that is still starting); the last error when it never answers.
+caf::expected<caf::actor> reach(caf::actor_system& system, const std::string& host, uint16_t port,
+                                std::chrono::milliseconds timeout);
 
 // -- drivers ---------------------------------------------------------------------------------
 

@@ -21,12 +21,14 @@ namespace {
 
 using Self = caf::stateful_actor<HeadState>*;
 
-/// Compares in time independent of where the strings differ.
-bool same_token(const std::string& a, const std::string& b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < a.size(); ++i)
-    diff |= static_cast<unsigned char>(a[i] ^ b[i % (b.empty() ? 1 : b.size())]);
-  return diff == 0 && !b.empty();
+/// Compares in time independent of where the strings differ (their length is no secret).
+bool same_token(const std::string& given, const std::string& token) {
+  if (given.size() != token.size() || token.empty())
+    return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < token.size(); ++i)
+    diff |= static_cast<unsigned char>(given[i] ^ token[i]);
+  return diff == 0;
 }
 
 /// Why a peer is refused, or "" when its protocol and token are the cluster's.

@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <cstdio>
-#include <thread>
 
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
@@ -64,18 +63,10 @@ int run_node(caf::actor_system& system, const NodeOptions& options) {
   } catch (const Error& e) {
     return fail(e.what());
   }
-  caf::actor head;
-  caf::error last;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!head) {
-    auto found = system.middleman().remote_actor(address.first, address.second);
-    if (found)
-      head = std::move(*found);
-    else if (std::chrono::steady_clock::now() > deadline)
-      return fail("cannot reach the head at " + options.head + ": " + system.render(found.error()));
-    else
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  }
+  auto reached = reach(system, address.first, address.second, std::chrono::seconds(10));
+  if (!reached)
+    return fail("cannot reach the head at " + options.head + ": " + system.render(reached.error()));
+  auto head = std::move(*reached);
   // The node's worker processes connect here, on this machine.
   auto hub = system.spawn(hub_actor);
   auto port = system.middleman().publish(hub, 0, "127.0.0.1");

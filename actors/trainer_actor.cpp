@@ -8,7 +8,6 @@
 #include <chrono>
 #include <cmath>
 #include <iomanip>
-#include <random>
 #include <unistd.h>
 #include <filesystem>
 #include <set>
@@ -148,15 +147,6 @@ void close_hub(Self self) {
   st.hub_port = 0;
 }
 
-std::string random_key() {
-  std::random_device rd;
-  std::string key;
-  static const char* hex = "0123456789abcdef";
-  for (int i = 0; i < 32; ++i)
-    key += hex[rd() % 16];
-  return key;
-}
-
 /// The real path of this program's binary: what a cluster's nodes start (a path valid
 /// on every node, as with torchrun or MPI).
 std::string own_executable() {
@@ -187,7 +177,7 @@ LaunchSpec launch_spec(Self self, WorkerSpec& ws) {
   a.report_timeout_ms = run.report_timeout.count();
   a.collective_timeout_ms = run.collective_timeout.count();
   a.heartbeat_timeout_ms = run.heartbeat_timeout.count();
-  ls.key = random_key() + "-r" + std::to_string(ctx.world_rank) + "-a" + std::to_string(ctx.attempt);
+  ls.key = random_hex(32) + "-r" + std::to_string(ctx.world_rank) + "-a" + std::to_string(ctx.attempt);
   ls.program = st.cluster ? own_executable() : "/proc/self/exe";
   ls.argv = worker_command();
   ls.stop_grace_ms = run.stop_grace.count();

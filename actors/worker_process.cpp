@@ -16,9 +16,11 @@
 #include <caf/io/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/cluster.hpp"
 #include "actors/process_launcher.hpp"
 #include "actors/run_files.hpp"
 #include "actors/torch_trainer.hpp"
+#include "core/error.hpp"
 #include "core/subprocess.hpp"
 
 namespace caftrain {
@@ -132,18 +134,16 @@ void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
   // On a cluster the driver is another machine: connect to it directly, so that reports
   // and the rendezvous store reach its trainer actor without passing through the node.
   if (auto driver = take_env("CAFTRAIN_WORKER_DRIVER"); !driver.empty()) {
-    auto colon = driver.rfind(':');
-    caf::expected<caf::actor> reached = caf::sec::invalid_argument;
-    if (colon != std::string::npos) {
-      try {
-        reached = system.middleman().remote_actor(driver.substr(0, colon),
-                                                  static_cast<uint16_t>(std::stoi(driver.substr(colon + 1))));
-      } catch (const std::exception&) {
-        // reported below
-      }
+    std::string why;
+    try {
+      auto [host, port] = parse_address(driver);
+      if (auto reached = system.middleman().remote_actor(host, port); !reached)
+        why = system.render(reached.error());
+    } catch (const Error& e) {
+      why = e.what();
     }
-    if (!reached)
-      give_up("cannot reach the driver at '" + driver + "': " + system.render(reached.error()) +
+    if (!why.empty())
+      give_up("cannot reach the driver at '" + driver + "': " + why +
               " (a driver on another machine sets ClusterOptions::host to an address nodes reach)");
   }
   auto hub = system.middleman().remote_actor(env.hub_host, env.hub_port);

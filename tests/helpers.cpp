@@ -118,4 +118,29 @@ int run_python(const std::string& script, std::string& output) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+Classifier::Classifier() {
+  fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+  fc2 = register_module("fc2", torch::nn::Linear(16, 3));
+}
+
+at::Tensor Classifier::training_step(const Batch& batch, int64_t) {
+  auto loss = torch::nn::functional::cross_entropy(fc2->forward(torch::relu(fc1->forward(batch.data))),
+                                                   batch.target);
+  log("loss", loss);
+  return loss;
+}
+
+Optimizers Classifier::configure_optimizers() {
+  return {std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-2))};
+}
+
+bool process_exists(const std::string& pid) {
+  std::ifstream stat("/proc/" + pid + "/stat");
+  std::string line;
+  if (!std::getline(stat, line))
+    return false;
+  auto state = line.find(") ");
+  return state != std::string::npos && line[state + 2] != 'Z';
+}
+
 } // namespace caftrain::test

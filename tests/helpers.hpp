@@ -84,6 +84,20 @@ class CountingCallback : public Callback {
   int validation_runs = 0, sanity_runs = 0, exceptions = 0;
 };
 
+/// An 8 -> 16 -> 3 classifier with cross-entropy and Adam(1e-2), which logs "loss": the
+/// model of the worker-process and cluster tests.
+class Classifier : public LightningModule {
+ public:
+  Classifier();
+  at::Tensor training_step(const Batch& batch, int64_t batch_idx) override;
+  Optimizers configure_optimizers() override;
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+
+/// True while process `pid` runs (a zombie, dead and waiting to be reaped by whoever
+/// inherited it, does not count).
+bool process_exists(const std::string& pid);
+
 /// Largest absolute difference between two modules' parameters (same architecture).
 double max_param_diff(const torch::nn::Module& a, const torch::nn::Module& b);
 

@@ -29,25 +29,9 @@ namespace {
 
 namespace fs = std::filesystem;
 using System = test::ActorSystem;
+using test::Classifier;
+using test::process_exists;
 using Clock = std::chrono::steady_clock;
-
-class Classifier : public LightningModule {
- public:
-  Classifier() {
-    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
-    fc2 = register_module("fc2", torch::nn::Linear(16, 3));
-  }
-  at::Tensor training_step(const Batch& batch, int64_t) override {
-    auto loss = torch::nn::functional::cross_entropy(fc2->forward(torch::relu(fc1->forward(batch.data))),
-                                                     batch.target);
-    log("loss", loss);
-    return loss;
-  }
-  Optimizers configure_optimizers() override {
-    return {std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-2))};
-  }
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
-};
 
 /// Rank 1 of attempt 0, at global step 7, writes its node's pid (its parent) to
 /// `<out>/stuck` and waits there: the test kills that node.
@@ -127,15 +111,6 @@ std::vector<std::string> where(const TorchTrainerOptions& o, int attempt, int ra
   for (std::string w; f >> w;)
     words.push_back(w);
   return words;
-}
-
-bool process_exists(const std::string& pid) {
-  std::ifstream stat("/proc/" + pid + "/stat");
-  std::string line;
-  if (!std::getline(stat, line))
-    return false;
-  auto state = line.find(") ");
-  return state != std::string::npos && line[state + 2] != 'Z';
 }
 
 /// Every worker process that wrote a file in `o`'s out directory is gone.

@@ -28,24 +28,8 @@ namespace {
 
 namespace fs = std::filesystem;
 using System = test::ActorSystem;
-
-class Classifier : public LightningModule {
- public:
-  Classifier() {
-    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
-    fc2 = register_module("fc2", torch::nn::Linear(16, 3));
-  }
-  at::Tensor training_step(const Batch& batch, int64_t) override {
-    auto loss = torch::nn::functional::cross_entropy(fc2->forward(torch::relu(fc1->forward(batch.data))),
-                                                     batch.target);
-    log("loss", loss);
-    return loss;
-  }
-  Optimizers configure_optimizers() override {
-    return {std::make_shared<torch::optim::Adam>(parameters(), torch::optim::AdamOptions(1e-2))};
-  }
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
-};
+using test::Classifier;
+using test::process_exists;
 
 /// On rank 1 of attempt 0, at global step `step`: "kill" (SIGKILL, as the OOM killer),
 /// "segv" (SIGSEGV), "abort", "hang" (sleeps without heartbeat), "freeze" (SIGSTOP: the
@@ -143,17 +127,6 @@ std::vector<std::string> where(const TorchTrainerOptions& o, int attempt, int ra
   for (std::string w; f >> w;)
     words.push_back(w);
   return words;
-}
-
-/// True while process `pid` runs (a zombie, dead and waiting to be reaped by whoever
-/// inherited it, does not count).
-bool process_exists(const std::string& pid) {
-  std::ifstream stat("/proc/" + pid + "/stat");
-  std::string line;
-  if (!std::getline(stat, line))
-    return false;
-  auto state = line.find(") ");
-  return state != std::string::npos && line[state + 2] != 'Z';
 }
 
 /// Every worker process that wrote a file in `o`'s out directory is gone.

@@ -126,10 +126,6 @@ ClusterHandle connect_command(caf::actor_system& sys, const Args& args) {
   return *cluster_of(sys);
 }
 
-std::string amounts(const ResourceSet& r) {
-  return r.to_string();
-}
-
 int status_command(const Args& args) {
   System s(caf::timespan{std::chrono::seconds(30)});
   auto cluster = connect_command(*s.sys, args);
@@ -144,7 +140,7 @@ int status_command(const Args& args) {
   std::printf("nodes: %zu\n", status.nodes.size());
   for (auto& n : status.nodes)
     std::printf("  %-24s %s pid %d at %s  total %s  free %s\n", n.id.c_str(), n.host.c_str(), n.pid,
-                n.address.c_str(), amounts(n.total).c_str(), amounts(n.available).c_str());
+                n.address.c_str(), n.total.to_string().c_str(), n.available.to_string().c_str());
   std::printf("runs: %zu\n", status.runs.size());
   for (auto& r : status.runs) {
     std::string state = "?";
