@@ -3,6 +3,7 @@
 
 #include "actors/cluster.hpp"
 #include "actors/messages.hpp"
+#include "actors/network.hpp"
 #include "actors/pool_actor.hpp"
 #include "actors/resource_pool.hpp"
 #include "actors/result.hpp"

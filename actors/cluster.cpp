@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/messages.hpp"
+#include "actors/network.hpp"
 #include "actors/worker_process.hpp"
 #include "core/error.hpp"
 
@@ -32,9 +33,17 @@ void add_cluster_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<NodeView>("caftrain::NodeView");
   cfg.add_message_type<RunView>("caftrain::RunView");
   cfg.add_message_type<ClusterStatus>("caftrain::ClusterStatus");
+  cfg.add_message_type<JobSpec>("caftrain::JobSpec");
+  cfg.add_message_type<JobView>("caftrain::JobView");
+  cfg.add_message_type<JobLogs>("caftrain::JobLogs");
 }
 
 // -- tokens and addresses ----------------------------------------------------------------
+
+std::string default_address() {
+  const char* address = std::getenv("CAFTRAIN_ADDRESS");
+  return address ? address : "";
+}
 
 std::string default_token_file() {
   if (const char* path = std::getenv("CAFTRAIN_TOKEN_FILE"); path && *path)
@@ -116,7 +125,7 @@ caf::expected<caf::actor> reach(caf::actor_system& system, const std::string& ho
                                 std::chrono::milliseconds timeout) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
-    auto found = system.middleman().remote_actor(host, port);
+    auto found = net::remote_actor(system, host, port);
     if (found || std::chrono::steady_clock::now() > deadline)
       return found;
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -153,7 +162,7 @@ void connect(caf::actor_system& system, const std::string& address, ClusterOptio
   auto reached = reach(system, host, port, options.timeout);
   if (!reached)
     throw Error(Errc::unavailable, "cannot reach the cluster head at " + address + ": " +
-                                     system.render(reached.error()) +
+                                     system.render(reached.error()) + tls_hint(system) +
                                      "; start one with `caftrain head --port " + std::to_string(port) + "`");
   auto head = std::move(*reached);
   caf::scoped_actor self{system};

@@ -30,7 +30,8 @@ namespace caftrain {
 
 /// Version of the messages between heads, nodes and drivers; peers of another version
 /// are refused by name.
-constexpr int32_t kClusterProtocol = 1;
+/// (2: jobs, `caftrain submit` / `logs`.)
+constexpr int32_t kClusterProtocol = 2;
 
 // -- messages -------------------------------------------------------------------------------
 
@@ -48,6 +49,15 @@ using cluster_status_atom = caf::atom_constant<caf::atom("clstatus")>;
 using run_register_atom = caf::atom_constant<caf::atom("clrunreg")>;
 /// (run_stop_atom, run name) -> bool: cancels a run of the cluster (false: no such run).
 using run_stop_atom = caf::atom_constant<caf::atom("clrunstop")>;
+
+/// (job_submit_atom, JobSpec) -> JobView: the head starts a driver program on its own
+/// machine (`caftrain submit`, as `ray job submit`).
+using job_submit_atom = caf::atom_constant<caf::atom("cljobsub")>;
+/// (job_logs_atom, name, offset) -> JobLogs: a job's output from byte `offset` on; `name`
+/// is a job's id or the name of a run its driver registered.
+using job_logs_atom = caf::atom_constant<caf::atom("cljoblogs")>;
+/// (job_stop_atom, id) -> bool: ends a job's driver (SIGTERM, SIGKILL 5 s later).
+using job_stop_atom = caf::atom_constant<caf::atom("cljobstop")>;
 
 /// A node agent's request to join.
 struct JoinRequest {
@@ -98,10 +108,51 @@ struct RunView {
   caf::actor trainer;
 };
 
+/// A driver program the head is asked to run.
+struct JobSpec {
+  /// The program (a path valid on the head's machine) and its arguments.
+  std::string program;
+  std::vector<std::string> args;
+  /// Where it runs: a directory on the head's machine ("" or missing there: the job's
+  /// own directory in the head's storage).
+  std::string working_dir;
+  /// Variables set for it on top of the head's environment.
+  std::map<std::string, std::string> env;
+  /// Who submitted it (host and pid), for the head's log.
+  std::string submitter;
+};
+
+/// A job as the head tracks it.
+struct JobView {
+  std::string id;
+  /// The command line, for display.
+  std::string command;
+  /// "running", "succeeded", "failed" or "stopped".
+  std::string state;
+  /// How it ended in words ("exited with status 3"), "" while it runs.
+  std::string end;
+  /// Its exit status (-1 while running, 128 + signal when killed by one).
+  int32_t exit_code = -1;
+  int32_t pid = 0;
+  /// The file on the head's machine that holds its output.
+  std::string log;
+  std::string submitter;
+};
+
+/// A piece of a job's output.
+struct JobLogs {
+  JobView job;
+  /// The bytes from the requested offset on (at most 1 MiB), and where the next piece starts.
+  std::string text;
+  int64_t next_offset = 0;
+};
+
 /// The cluster as the head sees it.
 struct ClusterStatus {
   std::vector<NodeView> nodes;
   std::vector<RunView> runs;
+  /// Jobs submitted to the head, running and ended.
+  std::vector<JobView> jobs;
   /// Placement requests waiting for resources, with their reasons.
   std::vector<PendingRequest> pending;
 };
@@ -133,8 +184,24 @@ typename Inspector::result_type inspect(Inspector& f, RunView& x) {
 }
 
 template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, JobSpec& x) {
+  return f(caf::meta::type_name("JobSpec"), x.program, x.args, x.working_dir, x.env, x.submitter);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, JobView& x) {
+  return f(caf::meta::type_name("JobView"), x.id, x.command, x.state, x.end, x.exit_code, x.pid, x.log,
+           x.submitter);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, JobLogs& x) {
+  return f(caf::meta::type_name("JobLogs"), x.job, x.text, x.next_offset);
+}
+
+template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ClusterStatus& x) {
-  return f(caf::meta::type_name("ClusterStatus"), x.nodes, x.runs, x.pending);
+  return f(caf::meta::type_name("ClusterStatus"), x.nodes, x.runs, x.jobs, x.pending);
 }
 
 /// Registers the cluster's message types (called by caftrain::init).
@@ -150,6 +217,10 @@ std::string default_token_file();
 /// `caftrain head` does). Throws `Error(invalid_config)` naming the file and the fix when
 /// it is missing, empty or readable by others.
 std::string read_token(const std::string& path, bool create = false);
+
+/// `$CAFTRAIN_ADDRESS`: the head a driver connects to when it is given no address (the
+/// head sets it for the jobs it runs, as Ray sets RAY_ADDRESS); "" when unset.
+std::string default_address();
 
 /// Splits "host:port"; throws `Error(invalid_argument)` naming the expected form.
 std::pair<std::string, uint16_t> parse_address(const std::string& address);

@@ -1,8 +1,13 @@
 #include "actors/head.hpp"
 
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <thread>
@@ -12,10 +17,14 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/messages.hpp"
+#include "actors/network.hpp"
 #include "actors/node_agent.hpp"
 #include "core/error.hpp"
+#include "core/subprocess.hpp"
 
 namespace caftrain {
+
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -68,11 +77,146 @@ void node_lost(Self self, const std::string& id, const std::string& why) {
   self->send(st.pool, pool_remove_node_atom::value, id);
 }
 
+/// (job_ended_atom, id, wait status): a job's driver ended.
+using job_ended_atom = caf::atom_constant<caf::atom("cljobend")>;
+/// (job_kill_atom, id): a stopped job that ignored SIGTERM is killed.
+using job_kill_atom = caf::atom_constant<caf::atom("cljobkill")>;
+
+/// How a job names its driver process to the head when it registers a run: the label
+/// `process_label()` gives in the job's process.
+std::string job_driver_label(int32_t pid) {
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  return std::string(host) + " pid " + std::to_string(pid);
+}
+
+caf::result<JobView> submit_job(Self self, JobSpec& spec) {
+  auto& st = self->state;
+  auto refuse = [](const std::string& why) { return make_caf_error(Errc::invalid_argument, why); };
+  if (st.address.empty())
+    return make_caf_error(Errc::unavailable, "the head is not published yet; try again");
+  if (spec.program.empty())
+    return refuse("a job needs a program: caftrain submit --head HOST:PORT -- PROGRAM ARGS...");
+  if (::access(spec.program.c_str(), X_OK) != 0)
+    return refuse("'" + spec.program + "' is not an executable file on the head's machine: build or copy it "
+                  "there at that path (as for the nodes) and submit again");
+  JobView job;
+  job.id = "job-" + random_hex(10);
+  job.submitter = spec.submitter;
+  auto dir = fs::path(st.config.storage) / "jobs" / job.id;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec)
+    return make_caf_error(Errc::io_error, "cannot create the job's directory '" + dir.string() + "': " +
+                                            ec.message() + " (caftrain head --storage DIR)");
+  job.log = (dir / "output.log").string();
+  auto cwd = spec.working_dir;
+  if (cwd.empty() || !fs::is_directory(cwd, ec))
+    cwd = dir.string();
+  // The driver finds the cluster as `ray.init()` finds RAY_ADDRESS.
+  auto env = spec.env;
+  env["CAFTRAIN_ADDRESS"] = st.address;
+  env["CAFTRAIN_TOKEN_FILE"] = st.config.token_file;
+  env["CAFTRAIN_JOB_ID"] = job.id;
+  if (auto tls = tls_of(self->system())) {
+    env["CAFTRAIN_TLS_CERT"] = tls->certificate;
+    env["CAFTRAIN_TLS_KEY"] = tls->key;
+    env["CAFTRAIN_TLS_CA"] = tls->ca_file;
+  }
+  std::vector<std::string> argv{spec.program};
+  argv.insert(argv.end(), spec.args.begin(), spec.args.end());
+  for (auto& a : argv)
+    job.command += (job.command.empty() ? "" : " ") + a;
+  try {
+    job.pid = static_cast<int32_t>(spawn_process(spec.program, argv, env, SpawnOptions{job.log, cwd}));
+  } catch (const Error& e) {
+    return make_caf_error(Errc::unavailable, e.what());
+  }
+  job.state = "running";
+  st.jobs[job.id] = job;
+  spdlog::info("caftrain head: job {} (pid {}) started for {}: {}", job.id, job.pid, spec.submitter, job.command);
+  // Waited for on a thread of its own; the head hears of the end as a message.
+  std::thread([pid = job.pid, id = job.id, secret = st.config.secret,
+               head = caf::actor_cast<caf::weak_actor_ptr>(self)] {
+    auto status = wait_process(pid);
+    if (auto alive = caf::actor_cast<caf::actor>(head.lock()))
+      caf::anon_send(alive, job_ended_atom::value, id, static_cast<int32_t>(status), secret);
+  }).detach();
+  return job;
+}
+
+void job_ended(Self self, const std::string& id, int status) {
+  auto& st = self->state;
+  auto i = st.jobs.find(id);
+  if (i == st.jobs.end())
+    return;
+  auto& job = i->second;
+  job.end = describe_exit(status);
+  job.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : WIFSIGNALED(status) ? 128 + WTERMSIG(status) : -1;
+  job.state = st.stopping.erase(id) ? "stopped" : exited_cleanly(status) ? "succeeded" : "failed";
+  spdlog::info("caftrain head: job {} {} ({})", id, job.end, job.state);
+}
+
+/// The job `name` names: a job id, or a run its driver registered.
+JobView* find_job(Self self, const std::string& name) {
+  auto& st = self->state;
+  auto i = st.jobs.find(name);
+  if (i == st.jobs.end())
+    if (auto r = st.run_jobs.find(name); r != st.run_jobs.end())
+      i = st.jobs.find(r->second);
+  return i == st.jobs.end() ? nullptr : &i->second;
+}
+
+caf::result<JobLogs> job_logs(Self self, const std::string& name, int64_t offset) {
+  auto job = find_job(self, name);
+  if (!job) {
+    auto run = self->state.runs.find(name);
+    if (run != self->state.runs.end())
+      return make_caf_error(Errc::invalid_argument,
+                            "run '" + name + "' has a driver the head did not start (" + run->second.driver +
+                              "): its output is where that driver runs; the head keeps the output of "
+                              "`caftrain submit` jobs");
+    return make_caf_error(Errc::invalid_argument,
+                          "the head has no job or run '" + name + "' (see caftrain status)");
+  }
+  JobLogs out;
+  out.job = *job;
+  constexpr int64_t kMaxPiece = 1 << 20;
+  std::ifstream in(job->log, std::ios::binary);
+  if (in) {
+    in.seekg(0, std::ios::end);
+    int64_t size = in.tellg();
+    offset = std::clamp<int64_t>(offset, 0, size);
+    auto n = std::min(kMaxPiece, size - offset);
+    out.text.resize(static_cast<size_t>(n));
+    in.seekg(offset);
+    in.read(out.text.data(), n);
+    out.text.resize(static_cast<size_t>(in.gcount()));
+  }
+  out.next_offset = offset + static_cast<int64_t>(out.text.size());
+  return out;
+}
+
+bool stop_job(Self self, const std::string& id) {
+  auto& st = self->state;
+  auto i = st.jobs.find(id);
+  if (i == st.jobs.end())
+    return false;
+  if (i->second.state != "running")
+    return true;
+  spdlog::info("caftrain head: stopping job {} (pid {})", id, i->second.pid);
+  st.stopping.insert(id);
+  ::kill(i->second.pid, SIGTERM);
+  self->delayed_send(self, std::chrono::seconds(5), job_kill_atom::value, id);
+  return true;
+}
+
 } // namespace
 
-caf::behavior head_actor(caf::stateful_actor<HeadState>* self, std::string token) {
+caf::behavior head_actor(caf::stateful_actor<HeadState>* self, HeadConfig config) {
   auto& st = self->state;
-  st.token = std::move(token);
+  st.token = config.token;
+  st.config = std::move(config);
   st.pool = self->spawn<caf::linked>(pool_actor, std::map<std::string, ResourceSet>{});
   self->set_down_handler([=](caf::down_msg& dm) {
     auto& st = self->state;
@@ -135,7 +279,43 @@ caf::behavior head_actor(caf::stateful_actor<HeadState>* self, std::string token
       if (self->state.runs.count(key))
         key += " (" + run.driver + ")"; // another driver's run of that name
       spdlog::info("caftrain head: run '{}' of {} registered", key, run.driver);
+      for (auto& [id, job] : self->state.jobs)
+        if (job.state == "running" && job_driver_label(job.pid) == run.driver)
+          self->state.run_jobs[key] = id;
       self->state.runs[key] = std::move(run);
+    },
+    [=](head_address_atom, std::string& address, const std::string& secret) {
+      if (same_token(secret, self->state.config.secret))
+        self->state.address = std::move(address);
+    },
+    [=](job_submit_atom, JobSpec& spec) -> caf::result<JobView> {
+      if (!from_trusted(self))
+        return untrusted();
+      return submit_job(self, spec);
+    },
+    [=](job_ended_atom, const std::string& id, int32_t status, const std::string& secret) {
+      // Only the head's own waiting threads report ends.
+      if (same_token(secret, self->state.config.secret))
+        job_ended(self, id, status);
+    },
+    [=](job_logs_atom, const std::string& name, int64_t offset) -> caf::result<JobLogs> {
+      if (!from_trusted(self))
+        return untrusted();
+      return job_logs(self, name, offset);
+    },
+    [=](job_stop_atom, const std::string& id) -> caf::result<bool> {
+      if (!from_trusted(self))
+        return untrusted();
+      return stop_job(self, id);
+    },
+    [=](job_kill_atom, const std::string& id) {
+      if (self->current_sender() != self->ctrl())
+        return;
+      auto i = self->state.jobs.find(id);
+      if (i != self->state.jobs.end() && i->second.state == "running") {
+        spdlog::warn("caftrain head: job {} ignored SIGTERM for 5 s; killing it", id);
+        ::kill(i->second.pid, SIGKILL);
+      }
     },
     [=](run_stop_atom, const std::string& name) -> caf::result<bool> {
       if (!from_trusted(self))
@@ -168,6 +348,8 @@ caf::behavior head_actor(caf::stateful_actor<HeadState>* self, std::string token
             }
             for (auto& [name, run] : st.runs)
               out.runs.push_back(run);
+            for (auto& [id, job] : st.jobs)
+              out.jobs.push_back(job);
             out.pending = std::move(pool.pending);
             rp.deliver(std::move(out));
           },
@@ -178,9 +360,20 @@ caf::behavior head_actor(caf::stateful_actor<HeadState>* self, std::string token
 }
 
 int run_head(caf::actor_system& system, const HeadOptions& options) {
-  auto token = read_token(options.token_file, true);
-  auto head = system.spawn(head_actor, token);
-  auto port = system.middleman().publish(head, options.port, options.host.c_str(), true);
+  HeadConfig config;
+  config.token_file = options.token_file.empty() ? default_token_file() : options.token_file;
+  config.token = read_token(config.token_file, true);
+  config.storage = options.storage;
+  config.secret = random_hex(32);
+  if (config.storage.empty()) {
+    const char* home = std::getenv("HOME");
+    config.storage = std::string(home && *home ? home : "/tmp") + "/.caftrain/head";
+  }
+  config.storage = fs::absolute(config.storage).string();
+  config.token_file = fs::absolute(config.token_file).string();
+  // Detached: jobs' output files are read on the head's own thread, not the scheduler's.
+  auto head = system.spawn<caf::detached>(head_actor, config);
+  auto port = net::publish(system, head, options.port, options.host.c_str());
   if (!port) {
     std::fprintf(stderr, "caftrain head: cannot listen on %s:%u: %s\n", options.host.c_str(),
                  static_cast<unsigned>(options.port), system.render(port.error()).c_str());
@@ -188,6 +381,15 @@ int run_head(caf::actor_system& system, const HeadOptions& options) {
     return 1;
   }
   auto address = options.host + ":" + std::to_string(*port);
+  // Jobs run on this machine: they reach the head on loopback when it listens there,
+  // else at this machine's name (which their nodes resolve too).
+  auto for_jobs = address;
+  if (options.host == "0.0.0.0" || options.host.empty()) {
+    char host[256] = {0};
+    ::gethostname(host, sizeof(host) - 1);
+    for_jobs = std::string(host) + ":" + std::to_string(*port);
+  }
+  caf::anon_send(head, head_address_atom::value, for_jobs, config.secret);
   if (!options.address_file.empty()) {
     auto tmp = options.address_file + ".tmp";
     {

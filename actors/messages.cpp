@@ -3,6 +3,7 @@
 #include <caf/all.hpp>
 
 #include "actors/cluster.hpp"
+#include "actors/network.hpp"
 #include "actors/pool_actor.hpp"
 #include "actors/process_launcher.hpp"
 #include "actors/worker_process.hpp"
@@ -20,6 +21,10 @@ constexpr caf::atom_value kErrorCategory = caf::atom("caftrain");
 void init(caf::actor_system_config& cfg) {
   // The one place that knows every layer's messages: the pool's, the trainer's, Tune's.
   detail::detect_worker_process(cfg); // and loads the middleman
+  // TLS for every connection when the environment names this machine's certificates
+  // (worker processes get them from the node or driver that starts them).
+  if (auto tls = tls_from_environment())
+    use_tls(cfg, *tls);
   add_pool_message_types(cfg);
   add_cluster_message_types(cfg);
   // Peers on other machines (a cluster's head and nodes, a run's worker processes) send

@@ -10,6 +10,7 @@
 
 #include "actors/cluster.hpp"
 #include "actors/messages.hpp"
+#include "actors/network.hpp"
 #include "core/error.hpp"
 
 namespace caftrain {
@@ -65,11 +66,11 @@ int run_node(caf::actor_system& system, const NodeOptions& options) {
   }
   auto reached = reach(system, address.first, address.second, std::chrono::seconds(10));
   if (!reached)
-    return fail("cannot reach the head at " + options.head + ": " + system.render(reached.error()));
+    return fail("cannot reach the head at " + options.head + ": " + system.render(reached.error()) + tls_hint(system));
   auto head = std::move(*reached);
   // The node's worker processes connect here, on this machine.
   auto hub = system.spawn(hub_actor);
-  auto port = system.middleman().publish(hub, 0, "127.0.0.1");
+  auto port = net::publish(system, hub, 0, "127.0.0.1");
   if (!port)
     return fail("cannot open the port worker processes connect to: " + system.render(port.error()));
   char host[256] = {0};
@@ -79,7 +80,7 @@ int run_node(caf::actor_system& system, const NodeOptions& options) {
   // Drivers connect to the agent directly: launches and their workers' ends do not pass
   // through the head.
   auto host_for_drivers = advertise_as(options.host, address.first);
-  auto agent_port = system.middleman().publish(agent, 0, host_for_drivers == "127.0.0.1" ? "127.0.0.1" : nullptr, true);
+  auto agent_port = net::publish(system, agent, 0, host_for_drivers == "127.0.0.1" ? "127.0.0.1" : nullptr);
   if (!agent_port)
     return fail("cannot open the port drivers connect to: " + system.render(agent_port.error()));
   JoinRequest join;
@@ -102,7 +103,7 @@ int run_node(caf::actor_system& system, const NodeOptions& options) {
   auto leave = [&] {
     caf::anon_send_exit(agent, caf::exit_reason::user_shutdown);
     caf::anon_send_exit(hub, caf::exit_reason::user_shutdown);
-    system.middleman().unpublish(hub, *port);
+    net::unpublish(system, hub, *port);
   };
   if (!refused.empty()) {
     leave();

@@ -9,6 +9,7 @@
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/network.hpp"
 #include "core/error.hpp"
 #include "core/subprocess.hpp"
 
@@ -149,6 +150,13 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpe
   st.spec.env["CAFTRAIN_WORKER_PARENT"] = std::to_string(::getpid());
   st.spec.env["MASTER_ADDR"] = st.hub.host;
   st.spec.env["MASTER_PORT"] = port;
+  // The child connects over TLS when this process does, with this machine's identity
+  // (a node's files, not its driver's: they are paths on this machine).
+  if (auto tls = tls_of(self->system())) {
+    st.spec.env["CAFTRAIN_TLS_CERT"] = tls->certificate;
+    st.spec.env["CAFTRAIN_TLS_KEY"] = tls->key;
+    st.spec.env["CAFTRAIN_TLS_CA"] = tls->ca_file;
+  }
   try {
     st.pid = spawn_process(st.spec.program, st.spec.argv, st.spec.env);
   } catch (const Error& e) {

@@ -1,4 +1,5 @@
 #include "actors/trainer_actor.hpp"
+#include "actors/network.hpp"
 #include "actors/process_launcher.hpp"
 #include "actors/run_files.hpp"
 #include "actors/subscribers.hpp"
@@ -125,7 +126,7 @@ bool open_hub(Self self) {
   st.hub = self->spawn<caf::linked>(hub_actor);
   // On a cluster, worker processes on other machines connect here too.
   auto host = st.cluster ? advertised_host(self->system()) : std::string("127.0.0.1");
-  auto port = self->system().middleman().publish(st.hub, 0, host == "127.0.0.1" ? "127.0.0.1" : nullptr, true);
+  auto port = net::publish(self->system(), st.hub, 0, host == "127.0.0.1" ? "127.0.0.1" : nullptr);
   if (!port) {
     st.error = RunError{Errc::unavailable, "cannot open the port worker processes connect to: " +
                                              self->system().render(port.error())};
@@ -140,7 +141,7 @@ void close_hub(Self self) {
   if (!st.hub)
     return;
   if (st.hub_port != 0)
-    self->system().middleman().unpublish(st.hub, st.hub_port);
+    net::unpublish(self->system(), st.hub, st.hub_port);
   self->unlink_from(st.hub);
   self->send_exit(st.hub, caf::exit_reason::user_shutdown);
   st.hub = nullptr;
@@ -196,6 +197,11 @@ LaunchSpec launch_spec(Self self, WorkerSpec& ws) {
   };
   if (st.cluster) // the worker connects to this driver directly (see worker_process.cpp)
     ls.env["CAFTRAIN_WORKER_DRIVER"] = advertised_host(self->system()) + ":" + std::to_string(st.hub_port);
+  // A driver that found its cluster in the environment (a job of `caftrain submit`)
+  // passes it on: its program must take the same path to fit in the worker processes.
+  for (auto name : {"CAFTRAIN_ADDRESS", "CAFTRAIN_JOB_ID"})
+    if (const char* value = std::getenv(name))
+      ls.env[name] = value;
   return ls;
 }
 
@@ -257,7 +263,7 @@ void launch_on_node(Self self, int64_t attempt, int64_t rank, std::string node, 
           } catch (const Error& e) {
             return give_up(e.what());
           }
-          self->request(self->system().middleman().actor_handle(), timeout, caf::connect_atom::value,
+          self->request(net::connector(self->system()), timeout, caf::connect_atom::value,
                         address.first, address.second)
             .then(
               [=](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) mutable {

@@ -17,10 +17,12 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/cluster.hpp"
+#include "actors/network.hpp"
 #include "actors/process_launcher.hpp"
 #include "actors/run_files.hpp"
 #include "actors/torch_trainer.hpp"
 #include "core/error.hpp"
+#include "core/process_role.hpp"
 #include "core/subprocess.hpp"
 
 namespace caftrain {
@@ -131,14 +133,15 @@ bool is_my_job(const RunSpec& spec) noexcept {
 
 void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
   auto& env = *env_slot();
+  set_single_rank_process(); // this rank's libtorch generator is its own (checkpoints save it)
   // On a cluster the driver is another machine: connect to it directly, so that reports
   // and the rendezvous store reach its trainer actor without passing through the node.
   if (auto driver = take_env("CAFTRAIN_WORKER_DRIVER"); !driver.empty()) {
     std::string why;
     try {
       auto [host, port] = parse_address(driver);
-      if (auto reached = system.middleman().remote_actor(host, port); !reached)
-        why = system.render(reached.error());
+      if (auto reached = net::remote_actor(system, host, port); !reached)
+        why = system.render(reached.error()) + tls_hint(system);
     } catch (const Error& e) {
       why = e.what();
     }
@@ -146,7 +149,7 @@ void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
       give_up("cannot reach the driver at '" + driver + "': " + why +
               " (a driver on another machine sets ClusterOptions::host to an address nodes reach)");
   }
-  auto hub = system.middleman().remote_actor(env.hub_host, env.hub_port);
+  auto hub = net::remote_actor(system, env.hub_host, env.hub_port);
   if (!hub)
     give_up("cannot reach the run's hub at " + env.hub_host + ":" + std::to_string(env.hub_port) +
             ": " + system.render(hub.error()));

@@ -4,6 +4,7 @@ set(CAFTRAIN_SOURCES
   core/config.cpp
   core/error.cpp
   core/metrics_json.cpp
+  core/process_role.cpp
   core/subprocess.cpp
   # data: IDX readers, datasets, samplers, loaders
   data/dataset.cpp
@@ -59,6 +60,7 @@ set(CAFTRAIN_SOURCES
   actors/cluster.cpp
   actors/head.cpp
   actors/messages.cpp
+  actors/network.cpp
   actors/node_agent.cpp
   actors/pool_actor.cpp
   actors/process_launcher.cpp

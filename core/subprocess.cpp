@@ -17,7 +17,7 @@ extern char** environ;
 namespace caftrain {
 
 pid_t spawn_process(const std::string& program, const std::vector<std::string>& argv,
-                    const std::map<std::string, std::string>& env) {
+                    const std::map<std::string, std::string>& env, const SpawnOptions& options) {
   if (argv.empty())
     throw Error(Errc::invalid_argument, "spawn_process: empty command line");
   // The environment: ours, with `env` replacing or adding variables.
@@ -42,6 +42,13 @@ pid_t spawn_process(const std::string& program, const std::vector<std::string>& 
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  if (!options.output.empty()) {
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, options.output.c_str(),
+                                     O_WRONLY | O_CREAT | O_APPEND, 0640);
+    posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  }
+  if (!options.working_dir.empty())
+    posix_spawn_file_actions_addchdir_np(&actions, options.working_dir.c_str());
   // The child gets default signal dispositions and an empty mask, whatever this
   // process's threads block (gloo's threads block SIGPIPE, for instance).
   posix_spawnattr_t attr;

@@ -10,13 +10,21 @@
 
 namespace caftrain {
 
+/// Where a child's output goes and where it runs.
+struct SpawnOptions {
+  /// A file that gets the child's stdout and stderr (appended); "": this process's.
+  std::string output = "";
+  /// The child's working directory; "": this process's.
+  std::string working_dir = "";
+};
+
 /// Starts `program` (a path; "/proc/self/exe" is this very binary, even if its file was
 /// replaced since) with `argv`, this process's environment with `env` set on top of it
-/// (an empty value sets the variable to ""), stdin from /dev/null and this process's
-/// stdout and stderr. Returns the child's pid; throws `Error(unavailable)` naming the
-/// program and the reason when it cannot be started.
+/// (an empty value sets the variable to ""), stdin from /dev/null, and the output and
+/// working directory `options` name. Returns the child's pid; throws `Error(unavailable)`
+/// naming the program and the reason when it cannot be started.
 pid_t spawn_process(const std::string& program, const std::vector<std::string>& argv,
-                    const std::map<std::string, std::string>& env);
+                    const std::map<std::string, std::string>& env, const SpawnOptions& options = {});
 
 /// Blocks until child `pid` ends and returns its wait status (waitpid's), retrying on
 /// EINTR; -1 when `pid` is not a child of this process.

@@ -7,6 +7,8 @@ packages=(
   cmake g++ make ccache pkg-config
   libtorch-dev          # libtorch 1.13 (CPU)
   libcaf-dev            # C++ Actor Framework 0.17.6
+  libcaf-openssl0.17    # its TLS transport
+  libssl-dev openssl    # checking TLS files; the tests make their certificates with openssl
   libgloo-dev           # collectives over TCP
   libspdlog-dev
   catch2                # Catch2 v2, the test framework

@@ -21,6 +21,7 @@
 #include "actors/cluster.hpp"
 #include "core/subprocess.hpp"
 #include "helpers.hpp"
+#include "local_cluster.hpp"
 
 using namespace caftrain;
 using Catch::Matchers::Contains;
@@ -31,6 +32,8 @@ namespace fs = std::filesystem;
 using System = test::ActorSystem;
 using test::Classifier;
 using test::process_exists;
+using test::write_token;
+using Cluster = test::LocalCluster;
 using Clock = std::chrono::steady_clock;
 
 /// Rank 1 of attempt 0, at global step 7, writes its node's pid (its parent) to
@@ -128,92 +131,6 @@ void check_none_left(const TorchTrainerOptions& o) {
     CHECK_FALSE(process_exists(pid));
   }
 }
-
-void write_token(const std::string& path, const std::string& token) {
-  std::ofstream(path) << token << "\n";
-  ::chmod(path.c_str(), 0600);
-}
-
-/// A head and its nodes, as `caftrain` processes on loopback; all killed at the end.
-class Cluster {
- public:
-  explicit Cluster(const test::TempDir& dir) : dir_(dir) {
-    token_file = dir / "token";
-    write_token(token_file, "the-cluster-token");
-    auto address_file = dir / "head-address";
-    head_ = spawn_process(CAFTRAIN_CLI, {CAFTRAIN_CLI, "head", "--host", "127.0.0.1", "--port", "0",
-                                         "--token-file", token_file, "--address-file", address_file},
-                          {});
-    auto deadline = Clock::now() + std::chrono::seconds(30);
-    while (address.empty() && Clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      std::ifstream f(address_file);
-      f >> address;
-    }
-  }
-
-  ~Cluster() {
-    for (auto& [name, pid] : nodes_)
-      stop(pid);
-    stop(head_);
-  }
-
-  /// Starts `caftrain node --name NAME --cpus CPUS` with `token_file` (the cluster's by
-  /// default); returns its pid.
-  pid_t add_node(const std::string& name, int cpus, const std::string& token = "") {
-    auto pid = spawn_process(CAFTRAIN_CLI, {CAFTRAIN_CLI, "node", "--head", address, "--name", name, "--cpus",
-                                            std::to_string(cpus), "--token-file",
-                                            token.empty() ? token_file : token},
-                             {});
-    nodes_[name] = pid;
-    return pid;
-  }
-
-  /// Waits until the head lists `n` nodes (as seen from `sys`, which is connected).
-  bool wait_for_nodes(caf::actor_system& sys, size_t n) {
-    auto cluster = cluster_of(sys);
-    if (!cluster)
-      return false;
-    caf::scoped_actor self{sys};
-    auto deadline = Clock::now() + std::chrono::seconds(30);
-    while (Clock::now() < deadline) {
-      size_t have = 0;
-      self->request(cluster->head, std::chrono::seconds(5), cluster_status_atom::value)
-        .receive([&](ClusterStatus& st) { have = st.nodes.size(); }, [](caf::error&) {});
-      if (have == n)
-        return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return false;
-  }
-
-  ClusterStatus status(caf::actor_system& sys) {
-    ClusterStatus out;
-    caf::scoped_actor self{sys};
-    self->request(cluster_of(sys)->head, std::chrono::seconds(5), cluster_status_atom::value)
-      .receive([&](ClusterStatus& st) { out = std::move(st); }, [](caf::error&) {});
-    return out;
-  }
-
-  pid_t node_pid(const std::string& name) {
-    return nodes_.at(name);
-  }
-
-  std::string address;
-  std::string token_file;
-
- private:
-  static void stop(pid_t pid) {
-    if (pid <= 0)
-      return;
-    ::kill(pid, SIGKILL);
-    wait_process(pid);
-  }
-
-  const test::TempDir& dir_;
-  pid_t head_ = -1;
-  std::map<std::string, pid_t> nodes_;
-};
 
 } // namespace
 
@@ -459,4 +376,48 @@ TEST_CASE("A node of another protocol version is refused by name", "[cluster]") 
   CHECK_THAT(refused, Contains("protocol " + std::to_string(kClusterProtocol + 1)) &&
                         Contains("same caftrain version"));
   CHECK(cluster.status(s.sys).nodes.empty());
+}
+
+TEST_CASE("A node that stops answering is dropped within seconds, and a node that joins again under its name is used again", "[cluster]") {
+  test::TempDir dir;
+  std::optional<Cluster> cluster;
+  System s;
+  if (!is_worker_process()) {
+    cluster.emplace(dir);
+    REQUIRE_FALSE(cluster->address.empty());
+    cluster->add_node("node-a", 1);
+    auto b = cluster->add_node("node-b", 1);
+    connect(s.sys, cluster->address, {.token_file = cluster->token_file});
+    REQUIRE(cluster->wait_for_nodes(s.sys, 2));
+    // Frozen, as a machine whose network is gone: its sockets stay open, it says nothing.
+    REQUIRE(::kill(b, SIGSTOP) == 0);
+    auto stopped_at = Clock::now();
+    REQUIRE(cluster->wait_for_nodes(s.sys, 1));
+    auto dropped = std::chrono::duration<double>(Clock::now() - stopped_at).count();
+    // The head's connection timeout is 1.5 s (heartbeats every 250 ms); the bound leaves
+    // room for a loaded CI machine.
+    CAPTURE(dropped);
+    CHECK(dropped < 5.0);
+    CHECK(cluster->status(s.sys).nodes[0].id == "node-a");
+    ::kill(b, SIGKILL);
+    wait_process(b);
+    // The same machine back under its name: a run that needs both nodes gets them.
+    cluster->add_node("node-b", 1);
+    REQUIRE(cluster->wait_for_nodes(s.sys, 2));
+  }
+  TorchTrainerOptions o;
+  o.scaling.num_workers = 2;
+  o.scaling.worker_mode = "process";
+  o.scaling.placement_strategy = "STRICT_SPREAD";
+  o.run.name = "rejoined";
+  o.run.storage_path = dir.path();
+  auto result = TorchTrainer(s.sys, [](const Config&) {
+    for (int step = 0; step < 3; ++step)
+      train::report({{"step", static_cast<double>(step)}, {"node", static_cast<double>(train::get_context().node_rank)}});
+  }, o).fit();
+  INFO((result.error ? result.error->message : ""));
+  REQUIRE(result.ok());
+  REQUIRE(result.metrics_history.size() == 3);
+  REQUIRE(result.metrics_history[0].all_metrics.size() == 2);
+  CHECK(result.metrics_history[0].all_metrics[1].at("node") == 1.0); // one rank on each node
 }

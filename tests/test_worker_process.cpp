@@ -59,6 +59,22 @@ class Fault : public Callback {
   int64_t step_;
 };
 
+/// The Classifier with randomness of each rank's own, as data augmentation draws: noise
+/// on its inputs, dropout, and rank 1 draws more numbers than rank 0, so that the ranks'
+/// generators part ways.
+class NoisyClassifier : public Classifier {
+ public:
+  at::Tensor training_step(const Batch& batch, int64_t) override {
+    if (train::get_context().world_rank == 1)
+      (void)torch::rand({7});
+    auto x = batch.data + 0.1 * torch::randn_like(batch.data);
+    auto hidden = torch::dropout(torch::relu(fc1->forward(x)), 0.3, true);
+    auto loss = torch::nn::functional::cross_entropy(fc2->forward(hidden), batch.target);
+    log("loss", loss);
+    return loss;
+  }
+};
+
 std::string env_or(const char* name, const char* fallback) {
   const char* v = std::getenv(name);
   return v ? v : fallback;
@@ -80,7 +96,11 @@ void train_func(const Config& c) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
   auto data = std::make_shared<data::TensorDataset>(torch::randn({192, 8}, gen),
                                                     torch::randint(0, 3, {192}, gen));
-  auto model = with_seed(0, [] { return std::make_shared<Classifier>(); });
+  auto model = with_seed(0, [&]() -> std::shared_ptr<Classifier> {
+    if (c.get<bool>("noisy", false))
+      return std::make_shared<NoisyClassifier>();
+    return std::make_shared<Classifier>();
+  });
   Trainer trainer({.max_epochs = 2,
                    .strategy = DDPStrategy({.broadcast_buffers = false}),
                    .plugins = {ActorEnvironment()},
@@ -216,6 +236,26 @@ TEST_CASE("A worker process killed by SIGKILL, SIGSEGV or abort mid-run is resta
   CHECK(failed.error->code == Errc::worker_failed);
   CHECK_THAT(failed.error->message, Contains("rank 1: worker process") && Contains("signal 11"));
   CHECK(failure == failed.error->message);
+}
+
+TEST_CASE("Each worker process saves and restores its own random generator: a run whose ranks draw different numbers, killed mid-run, ends like an undisturbed one", "[worker_process]") {
+  test::TempDir dir;
+  System s;
+  auto clean_options = options(dir, "noisy-clean", "process");
+  auto killed_options = options(dir, "noisy-killed", "process", "kill");
+  for (auto* o : {&clean_options, &killed_options})
+    o->train_loop_config.set("noisy", true);
+  auto clean = run(s.sys, clean_options);
+  auto killed = run(s.sys, killed_options);
+  INFO((clean.error ? clean.error->message : ""));
+  INFO((killed.error ? killed.error->message : ""));
+  REQUIRE(clean.ok());
+  REQUIRE(killed.ok());
+  CHECK(killed.attempts == 2);
+  // Rank 1's generator came back as rank 1 left it, not as rank 0's.
+  REQUIRE(killed.checkpoint);
+  CHECK(killed.checkpoint->has_file("rng_rank_1.pt"));
+  check_same_weights(clean, killed);
 }
 
 TEST_CASE("A hung or frozen worker process is killed after its timeout and the run restarts without leaving it behind", "[worker_process]") {

@@ -12,6 +12,7 @@
 #include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
 #include "core/metrics_json.hpp"
+#include "core/process_role.hpp"
 #include "train/trainer_impl.hpp"
 
 namespace caftrain {
@@ -90,16 +91,38 @@ json trainer_state(Trainer& trainer) {
 
 } // namespace
 
+namespace {
+
+/// libtorch's default CPU generator, as `rng.pt` holds it.
+std::vector<char> rng_bytes() {
+  StateDict rng;
+  rng.insert("cpu", at::detail::getDefaultCPUGenerator().get_state());
+  return serialize_state_dict(rng);
+}
+
+std::string rank_rng_file(int64_t rank) {
+  return "rng_rank_" + std::to_string(rank) + ".pt";
+}
+
+} // namespace
+
 std::map<std::string, std::vector<char>> checkpoint_files(Trainer& trainer) {
   auto& s = trainer.impl();
   if (!s.module || !s.strategy)
     throw Error(Errc::bad_state, "save_checkpoint needs a running fit (call it from a callback or "
                                  "after fit has set the trainer up)");
   std::map<std::string, std::vector<char>> files;
+  auto rank = s.environment->global_rank();
+  // A worker process's CPU generator is its rank's own: each rank saves it beside rank
+  // 0's `rng.pt`. (Ranks that are threads of one process share libtorch's one default
+  // generator, whose state rank 0 saves for all.)
+  if (rank != 0 && single_rank_process())
+    files[rank_rng_file(rank)] = rng_bytes();
   bool sharded = s.strategy->sharded_checkpoints();
   if (sharded) {
-    files = s.strategy->shard_files(); // this rank's shard; rank 0 adds layout and buffers
-    if (s.environment->global_rank() != 0)
+    auto shard = s.strategy->shard_files(); // this rank's shard; rank 0 adds layout and buffers
+    files.insert(shard.begin(), shard.end());
+    if (rank != 0)
       return files;
   } else {
     if (s.environment->global_rank() != 0)
@@ -109,10 +132,7 @@ std::map<std::string, std::vector<char>> checkpoint_files(Trainer& trainer) {
   }
   auto state = trainer_state(trainer).dump(2);
   files["trainer_state.json"] = std::vector<char>(state.begin(), state.end());
-  auto rng = at::detail::getDefaultCPUGenerator().get_state();
-  StateDict rng_dict;
-  rng_dict.insert("cpu", rng);
-  files["rng.pt"] = serialize_state_dict(rng_dict);
+  files["rng.pt"] = rng_bytes();
   return files;
 }
 
@@ -247,8 +267,14 @@ void restore_checkpoint(Trainer& trainer, const std::string& path) {
   }
   for (auto& cb : s.callbacks)
     cb->on_load_checkpoint(trainer, *s.module, state);
-  if (ckpt.has_file("rng.pt")) {
-    auto rng = load_state_dict_file(ckpt.file("rng.pt"));
+  // A worker process restores its own rank's generator when the checkpoint has it (a
+  // run of as many worker processes); otherwise rank 0's, as thread ranks do.
+  auto rng_file = std::string("rng.pt");
+  auto rank = s.environment ? s.environment->global_rank() : 0;
+  if (rank != 0 && single_rank_process() && ckpt.has_file(rank_rng_file(rank)))
+    rng_file = rank_rng_file(rank);
+  if (ckpt.has_file(rng_file)) {
+    auto rng = load_state_dict_file(ckpt.file(rng_file));
     if (auto* cpu = rng.find("cpu"))
     {
       auto generator = at::detail::getDefaultCPUGenerator();

@@ -84,7 +84,8 @@ struct Flags {
   std::string strategy = "ddp";
   bool gpu = false;
   bool processes = false;
-  std::string address;
+  // A job of `caftrain submit` finds its cluster in $CAFTRAIN_ADDRESS.
+  std::string address = caftrain::default_address();
   std::string token_file;
 };
 
@@ -96,7 +97,8 @@ struct Flags {
             << "       --strategy ddp|zero_stage_1|zero_stage_2|fsdp (with --workers; default ddp)\n"
             << "       --gpu (workers on CUDA GPUs, NCCL; with --workers)\n"
             << "       --processes (each worker its own process of this program; with --workers)\n"
-            << "       --address HOST:PORT (workers on the nodes of the cluster whose head is there)\n"
+            << "       --address HOST:PORT (workers on the nodes of the cluster whose head is there;\n"
+            << "         default $CAFTRAIN_ADDRESS, which `caftrain submit` sets)\n"
             << "       --token-file F (the cluster's token; default ~/.caftrain/cluster_token)\n";
   std::exit(2);
 }
