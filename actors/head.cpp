@@ -19,6 +19,7 @@
 #include "actors/messages.hpp"
 #include "actors/network.hpp"
 #include "actors/node_agent.hpp"
+#include "actors/process_launcher.hpp"
 #include "core/error.hpp"
 #include "core/subprocess.hpp"
 
@@ -45,7 +46,7 @@ std::string check_peer(Self self, int32_t protocol, const std::string& token) {
   if (protocol != kClusterProtocol)
     return "it speaks cluster protocol " + std::to_string(protocol) + ", this head speaks " +
            std::to_string(kClusterProtocol) + "; run the same caftrain version on every machine";
-  if (!same_token(token, self->state.token))
+  if (!same_token(token, self->state.config.token))
     return "its cluster token does not match the head's; copy the head's token file "
            "(caftrain head --token-file, by default ~/.caftrain/cluster_token)";
   return "";
@@ -82,12 +83,16 @@ using job_ended_atom = caf::atom_constant<caf::atom("cljobend")>;
 /// (job_kill_atom, id): a stopped job that ignored SIGTERM is killed.
 using job_kill_atom = caf::atom_constant<caf::atom("cljobkill")>;
 
+std::string host_name() {
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  return host;
+}
+
 /// How a job names its driver process to the head when it registers a run: the label
 /// `process_label()` gives in the job's process.
 std::string job_driver_label(int32_t pid) {
-  char host[256] = {0};
-  ::gethostname(host, sizeof(host) - 1);
-  return std::string(host) + " pid " + std::to_string(pid);
+  return host_name() + " pid " + std::to_string(pid);
 }
 
 caf::result<JobView> submit_job(Self self, JobSpec& spec) {
@@ -118,11 +123,7 @@ caf::result<JobView> submit_job(Self self, JobSpec& spec) {
   env["CAFTRAIN_ADDRESS"] = st.address;
   env["CAFTRAIN_TOKEN_FILE"] = st.config.token_file;
   env["CAFTRAIN_JOB_ID"] = job.id;
-  if (auto tls = tls_of(self->system())) {
-    env["CAFTRAIN_TLS_CERT"] = tls->certificate;
-    env["CAFTRAIN_TLS_KEY"] = tls->key;
-    env["CAFTRAIN_TLS_CA"] = tls->ca_file;
-  }
+  add_tls_environment(self->system(), env);
   std::vector<std::string> argv{spec.program};
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
   for (auto& a : argv)
@@ -215,7 +216,6 @@ bool stop_job(Self self, const std::string& id) {
 
 caf::behavior head_actor(caf::stateful_actor<HeadState>* self, HeadConfig config) {
   auto& st = self->state;
-  st.token = config.token;
   st.config = std::move(config);
   st.pool = self->spawn<caf::linked>(pool_actor, std::map<std::string, ResourceSet>{});
   self->set_down_handler([=](caf::down_msg& dm) {
@@ -384,11 +384,8 @@ int run_head(caf::actor_system& system, const HeadOptions& options) {
   // Jobs run on this machine: they reach the head on loopback when it listens there,
   // else at this machine's name (which their nodes resolve too).
   auto for_jobs = address;
-  if (options.host == "0.0.0.0" || options.host.empty()) {
-    char host[256] = {0};
-    ::gethostname(host, sizeof(host) - 1);
-    for_jobs = std::string(host) + ":" + std::to_string(*port);
-  }
+  if (options.host == "0.0.0.0" || options.host.empty())
+    for_jobs = host_name() + ":" + std::to_string(*port);
   caf::anon_send(head, head_address_atom::value, for_jobs, config.secret);
   if (!options.address_file.empty()) {
     auto tmp = options.address_file + ".tmp";

@@ -42,8 +42,6 @@ struct HeadState {
   std::map<std::string, JobView> jobs;
   std::map<std::string, std::string> run_jobs;
   std::set<std::string> stopping;
-  /// The token every node and driver must present.
-  std::string token;
   /// The pool of the cluster's nodes.
   caf::actor pool;
   /// Live nodes by id, with their agents.

@@ -138,6 +138,14 @@ void reaped(Self self, int status) {
 
 } // namespace
 
+void add_tls_environment(const caf::actor_system& system, std::map<std::string, std::string>& env) {
+  if (auto tls = tls_of(system)) {
+    env["CAFTRAIN_TLS_CERT"] = tls->certificate;
+    env["CAFTRAIN_TLS_KEY"] = tls->key;
+    env["CAFTRAIN_TLS_CA"] = tls->ca_file;
+  }
+}
+
 caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpec spec, HubAddress hub) {
   auto& st = self->state;
   st.spec = std::move(spec);
@@ -150,13 +158,8 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpe
   st.spec.env["CAFTRAIN_WORKER_PARENT"] = std::to_string(::getpid());
   st.spec.env["MASTER_ADDR"] = st.hub.host;
   st.spec.env["MASTER_PORT"] = port;
-  // The child connects over TLS when this process does, with this machine's identity
-  // (a node's files, not its driver's: they are paths on this machine).
-  if (auto tls = tls_of(self->system())) {
-    st.spec.env["CAFTRAIN_TLS_CERT"] = tls->certificate;
-    st.spec.env["CAFTRAIN_TLS_KEY"] = tls->key;
-    st.spec.env["CAFTRAIN_TLS_CA"] = tls->ca_file;
-  }
+  // With this machine's identity: a node's files, not its driver's (paths on this machine).
+  add_tls_environment(self->system(), st.spec.env);
   try {
     st.pid = spawn_process(st.spec.program, st.spec.argv, st.spec.env);
   } catch (const Error& e) {

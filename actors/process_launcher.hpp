@@ -147,4 +147,9 @@ struct LauncherState {
 /// it has not exited after RunConfig.stop_grace.
 caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpec spec, HubAddress hub);
 
+/// Sets `CAFTRAIN_TLS_CERT`, `_KEY` and `_CA` in `env` to `system`'s TLS files when it
+/// uses TLS: a caftrain process it starts (a worker process, a job's driver) then
+/// connects with the same identity (see `tls_from_environment`).
+void add_tls_environment(const caf::actor_system& system, std::map<std::string, std::string>& env);
+
 } // namespace caftrain

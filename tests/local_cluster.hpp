@@ -15,6 +15,7 @@
 #include <caf/all.hpp>
 
 #include "actors/cluster.hpp"
+#include "actors/torch_trainer.hpp"
 #include "core/subprocess.hpp"
 #include "helpers.hpp"
 
@@ -80,6 +81,12 @@ class LocalCluster {
     return false;
   }
 
+  /// Connects `sys` to the head as a driver and waits until it lists `n` nodes.
+  bool connect_and_wait(caf::actor_system& sys, size_t n) {
+    connect(sys, address, {.token_file = token_file});
+    return wait_for_nodes(sys, n);
+  }
+
   /// The head's view, asked from `sys` (connected to it); empty when it does not answer.
   ClusterStatus status(caf::actor_system& sys) {
     ClusterStatus out;
@@ -114,6 +121,17 @@ class LocalCluster {
   pid_t head_ = -1;
   std::map<std::string, pid_t> nodes_;
 };
+
+/// A run `name` of 2 worker processes on 2 different nodes (STRICT_SPREAD), stored in `dir`.
+inline TorchTrainerOptions two_node_run(const TempDir& dir, const std::string& name) {
+  TorchTrainerOptions o;
+  o.scaling.num_workers = 2;
+  o.scaling.worker_mode = "process";
+  o.scaling.placement_strategy = "STRICT_SPREAD";
+  o.run.name = name;
+  o.run.storage_path = dir.path();
+  return o;
+}
 
 /// Runs `argv` to its end with its output in `output`; its wait status.
 inline int run_to_end(const std::vector<std::string>& argv, const std::string& output,

@@ -152,8 +152,7 @@ TEST_CASE("A head and two nodes run a 2-worker DDP run across both nodes and end
     REQUIRE_FALSE(cluster->address.empty());
     cluster->add_node("node-a", 1);
     cluster->add_node("node-b", 1);
-    connect(s.sys, cluster->address, {.token_file = cluster->token_file});
-    REQUIRE(cluster->wait_for_nodes(s.sys, 2));
+    REQUIRE(cluster->connect_and_wait(s.sys, 2));
     fs::create_directories(spread.train_loop_config.get<std::string>("out"));
   }
   by_cluster = TorchTrainer(s.sys, train_func, spread).fit();
@@ -220,8 +219,7 @@ TEST_CASE("A node SIGKILLed mid-run is detected at once and the run ends on the 
     REQUIRE_FALSE(cluster->address.empty());
     for (auto name : {"node-a", "node-b", "node-c"})
       cluster->add_node(name, 1);
-    connect(s.sys, cluster->address, {.token_file = cluster->token_file});
-    REQUIRE(cluster->wait_for_nodes(s.sys, 3));
+    REQUIRE(cluster->connect_and_wait(s.sys, 3));
     fs::create_directories(faulty.train_loop_config.get<std::string>("out"));
   }
   TorchTrainer trainer(s.sys, train_func, faulty);
@@ -284,8 +282,7 @@ TEST_CASE("A cluster refuses a wrong token, and a run it can never hold, naming 
     CHECK_THROWS_WITH(connect(other.sys, cluster.address, {.token_file = open_token}),
                       Contains("chmod 600"));
   }
-  connect(s.sys, cluster.address, {.token_file = cluster.token_file});
-  REQUIRE(cluster.wait_for_nodes(s.sys, 1));
+  REQUIRE(cluster.connect_and_wait(s.sys, 1));
   auto status = cluster.status(s.sys);
   REQUIRE(status.nodes.size() == 1);
   CHECK(status.nodes[0].id == "good");
@@ -318,8 +315,7 @@ TEST_CASE("A driver that dies takes its run's worker processes on the cluster's 
   cluster.add_node("node-a", 1);
   cluster.add_node("node-b", 1);
   System s;
-  connect(s.sys, cluster.address, {.token_file = cluster.token_file});
-  REQUIRE(cluster.wait_for_nodes(s.sys, 2));
+  REQUIRE(cluster.connect_and_wait(s.sys, 2));
   auto out = dir / "out";
   fs::create_directories(out);
   auto driver = spawn_process(CAFTRAIN_DRIVER_CHILD, {CAFTRAIN_DRIVER_CHILD, dir.path(), out, cluster.address,
@@ -387,8 +383,7 @@ TEST_CASE("A node that stops answering is dropped within seconds, and a node tha
     REQUIRE_FALSE(cluster->address.empty());
     cluster->add_node("node-a", 1);
     auto b = cluster->add_node("node-b", 1);
-    connect(s.sys, cluster->address, {.token_file = cluster->token_file});
-    REQUIRE(cluster->wait_for_nodes(s.sys, 2));
+    REQUIRE(cluster->connect_and_wait(s.sys, 2));
     // Frozen, as a machine whose network is gone: its sockets stay open, it says nothing.
     REQUIRE(::kill(b, SIGSTOP) == 0);
     auto stopped_at = Clock::now();
@@ -405,12 +400,7 @@ TEST_CASE("A node that stops answering is dropped within seconds, and a node tha
     cluster->add_node("node-b", 1);
     REQUIRE(cluster->wait_for_nodes(s.sys, 2));
   }
-  TorchTrainerOptions o;
-  o.scaling.num_workers = 2;
-  o.scaling.worker_mode = "process";
-  o.scaling.placement_strategy = "STRICT_SPREAD";
-  o.run.name = "rejoined";
-  o.run.storage_path = dir.path();
+  auto o = test::two_node_run(dir, "rejoined");
   auto result = TorchTrainer(s.sys, [](const Config&) {
     for (int step = 0; step < 3; ++step)
       train::report({{"step", static_cast<double>(step)}, {"node", static_cast<double>(train::get_context().node_rank)}});

@@ -117,8 +117,7 @@ TEST_CASE("caftrain submit runs a driver on the head whose run trains on the nod
   REQUIRE_FALSE(cluster.address.empty());
   cluster.add_node("node-a", 2, "", {}, dir / "node-a.out");
   test::ActorSystem s;
-  connect(s.sys, cluster.address, {.token_file = cluster.token_file});
-  REQUIRE(cluster.wait_for_nodes(s.sys, 1));
+  REQUIRE(cluster.connect_and_wait(s.sys, 1));
 
   // Waiting: the job's output streams back and its status is the command's.
   auto [rc, out] = cli(dir, cluster, {"submit", "--", CAFTRAIN_DRIVER_CHILD, "job", dir / "runs"}, "submit");
@@ -239,15 +238,9 @@ TEST_CASE("With TLS a run trains across two nodes, and a node or driver without 
   caf::actor_system sys{cfg};
   if (!is_worker_process()) {
     REQUIRE(tls_of(sys));
-    connect(sys, cluster->address, {.token_file = cluster->token_file});
-    REQUIRE(cluster->wait_for_nodes(sys, 2));
+    REQUIRE(cluster->connect_and_wait(sys, 2));
   }
-  TorchTrainerOptions o;
-  o.scaling.num_workers = 2;
-  o.scaling.worker_mode = "process";
-  o.scaling.placement_strategy = "STRICT_SPREAD";
-  o.run.name = "tls";
-  o.run.storage_path = dir.path();
+  auto o = test::two_node_run(dir, "tls");
   auto result = TorchTrainer(sys, [](const Config&) {
     // Each rank says whether its node gave it the TLS identity it connected with.
     double tls = std::getenv("CAFTRAIN_TLS_CERT") ? 1.0 : 0.0;
