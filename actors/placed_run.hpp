@@ -27,8 +27,10 @@ struct PlacedRun {
 /// `resume_from_checkpoint` given here wins over the run's own latest checkpoint (when it
 /// is resumed by name) until the run checkpoints anew: how a PBT exploit restarts a trial
 /// from its donor's checkpoint. The caller
-/// joins the run's threads after the end with `join_worker_threads(name, ...)`.
+/// joins the run's threads after the end with `join_worker_threads(name, ...)`. With
+/// worker processes (`worker_mode` "process"), `job` is the caller's number among the
+/// program's process-mode jobs (`detail::next_job`): what the worker processes run up to.
 PlacedRun spawn_placed_run(caf::actor_system& system, TrainFunc train_func,
-                           TorchTrainerOptions options, Placement placement);
+                           TorchTrainerOptions options, Placement placement, int64_t job = -1);
 
 } // namespace caftrain

@@ -57,6 +57,8 @@ struct ProcessAssignment {
   int64_t report_timeout_ms = 0;
   int64_t collective_timeout_ms = 0;
   int64_t heartbeat_timeout_ms = 0;
+  /// The id the driver wrote into the run directory (see checkpoint_transfer.hpp).
+  std::string storage_id;
 };
 
 template <class Inspector>
@@ -70,7 +72,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ProcessAssignment& x) {
   return f(caf::meta::type_name("ProcessAssignment"), x.context, x.trainer, x.launcher,
            x.checkpoint, x.first_report_index, x.train_loop_config, x.backend,
-           x.report_timeout_ms, x.collective_timeout_ms, x.heartbeat_timeout_ms);
+           x.report_timeout_ms, x.collective_timeout_ms, x.heartbeat_timeout_ms, x.storage_id);
 }
 
 /// Registers the worker-process messages (from `caftrain::init`).

@@ -249,13 +249,12 @@ TorchTrainer::TorchTrainer(caf::actor_system& system, TrainFunc train_func,
 }
 
 PlacedRun spawn_placed_run(caf::actor_system& system, TrainFunc train_func,
-                           TorchTrainerOptions options, Placement placement) {
-  if (options.scaling.worker_mode == "process")
-    refuse(Errc::invalid_config, "a Tuner's trials run their workers as threads (worker "
-                                 "processes find their job by the TorchTrainer the program "
-                                 "constructs, which a trial has not); set "
-                                 "ScalingConfig.worker_mode = \"thread\"");
+                           TorchTrainerOptions options, Placement placement, int64_t job) {
+  if (options.scaling.worker_mode == "process" && job < 0)
+    refuse(Errc::invalid_config, "a placed run of worker processes needs its caller's job number "
+                                 "(detail::next_job), which its worker processes run up to");
   auto spec = make_run_spec(system, std::move(train_func), std::move(options));
+  spec->job = job;
   if (placement.bundles.size() != static_cast<size_t>(spec->options.scaling.num_workers))
     refuse(Errc::invalid_argument, "the placement holds " + std::to_string(placement.bundles.size()) +
                                      " bundles for " +

@@ -1,4 +1,5 @@
 #include "actors/trainer_actor.hpp"
+#include "actors/checkpoint_transfer.hpp"
 #include "actors/network.hpp"
 #include "actors/process_launcher.hpp"
 #include "actors/run_files.hpp"
@@ -156,6 +157,26 @@ std::string own_executable() {
   return ec ? std::string("/proc/self/exe") : path.string();
 }
 
+/// Hands the current request to the run's I/O actor, which answers it.
+template <class... Ts>
+caf::response_promise to_persister(Self self, Ts&&... xs) {
+  auto rp = self->make_response_promise();
+  if (self->state.persister)
+    rp.delegate(self->state.persister, std::forward<Ts>(xs)...);
+  else
+    rp.deliver(make_caf_error(Errc::io_error, "the run's I/O actor has ended"));
+  return rp;
+}
+
+/// Lets worker processes that do not see the run's storage fetch `ckpt`'s files.
+void serve(Self self, const Checkpoint& ckpt) {
+  if (!process_mode(self))
+    return;
+  auto& files = self->state.served[ckpt.path()];
+  for (auto& [file, digest] : ckpt.metadata().files)
+    files.insert(file);
+}
+
 /// How rank `ws.context.world_rank` is started as a worker process: what it is told at
 /// its hello, its command line and environment (torch's variables, as torchrun sets
 /// them; the launcher adds where its hub listens).
@@ -172,6 +193,9 @@ LaunchSpec launch_spec(Self self, WorkerSpec& ws) {
   a.context = ctx;
   a.trainer = caf::actor_cast<caf::actor>(self);
   a.checkpoint = ws.checkpoint;
+  a.storage_id = st.storage_id;
+  if (ws.checkpoint)
+    serve(self, *ws.checkpoint);
   a.first_report_index = ws.first_report_index;
   a.train_loop_config = config_to_json(options.train_loop_config);
   a.backend = resolve_backend(options);
@@ -600,6 +624,8 @@ void record_round(Self self, int64_t index, TrainerState::Round& round, const Ch
   rec.metrics = rec.all_metrics.front();
   rec.checkpoint_path = ckpt.path();
   rec.timestamp = now_seconds();
+  if (ckpt.valid())
+    serve(self, ckpt);
   st.history.push_back(rec);
   self->send(st.persister, history_atom::value, st.spec->dir, rec);
   for (auto& s : st.subscribers)
@@ -918,6 +944,8 @@ void start(Self self) {
     st.attempt = 0;
     return finish(self);
   }
+  if (process_mode(self))
+    st.storage_id = transfer::mark_storage(st.spec->dir);
   if (st.spec->placement) {
     auto given = *st.spec->placement;
     return placed(self, given, st.first_attempt);
@@ -1067,6 +1095,31 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
         complete_stop(self);
       }
     },
+    // -- checkpoints of worker processes that do not see the storage (the I/O actor
+    //    writes and reads the files) --
+    [=](transfer::upload_atom a, std::string& name, std::string& file, uint64_t offset,
+        std::string& bytes) {
+      return to_persister(self, a, self->state.spec->dir, std::move(name), std::move(file), offset,
+                          std::move(bytes));
+    },
+    [=](transfer::upload_atom a, std::string& name, std::string& file, uint64_t size, uint32_t crc) {
+      return to_persister(self, a, self->state.spec->dir, std::move(name), std::move(file), size, crc);
+    },
+    [=](transfer::upload_atom a, std::string& name) {
+      return to_persister(self, a, self->state.spec->dir, std::move(name));
+    },
+    [=](transfer::fetch_atom a, const std::string& path, const std::string& file, uint64_t offset) {
+      auto& served = self->state.served;
+      auto i = served.find(path);
+      if (i == served.end() || i->second.count(file) == 0 || !transfer::safe_relative(file)) {
+        auto rp = self->make_response_promise();
+        rp.deliver(make_caf_error(Errc::invalid_argument,
+                                  "'" + file + "' of '" + path + "' is not a file of a checkpoint this run "
+                                  "handed to its workers"));
+        return rp;
+      }
+      return to_persister(self, a, (fs::path(path) / file).string(), offset);
+    },
     // -- rendezvous store --
     [=](store_set_atom, const std::string& key, std::vector<char>& value) {
       auto& st = self->state;
@@ -1115,7 +1168,46 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
 
 caf::behavior persister_actor(caf::event_based_actor* self) {
   lower_thread_priority(); // detached: this thread is the persister's alone
+  // Checkpoint files of worker processes that do not see the storage.
+  auto uploads = std::make_shared<transfer::Receiver>();
+  // An Error as the caf::error a requester gets.
+  auto failed = [](const std::exception& e) {
+    if (auto* err = dynamic_cast<const Error*>(&e))
+      return make_caf_error(err->code(), err->what());
+    return make_caf_error(Errc::io_error, e.what());
+  };
   return {
+    [=](transfer::upload_atom, const std::string& dir, const std::string& name, const std::string& file,
+        uint64_t offset, const std::string& bytes) -> caf::result<uint64_t> {
+      try {
+        return uploads->write(dir, name, file, offset, bytes);
+      } catch (const std::exception& e) {
+        return failed(e);
+      }
+    },
+    [=](transfer::upload_atom, const std::string& dir, const std::string& name, const std::string& file,
+        uint64_t size, uint32_t crc) -> caf::result<bool> {
+      try {
+        uploads->finish_file(dir, name, file, size, crc);
+        return true;
+      } catch (const std::exception& e) {
+        return failed(e);
+      }
+    },
+    [=](transfer::upload_atom, const std::string& dir, const std::string& name) -> caf::result<std::string> {
+      try {
+        return uploads->finish(dir, name);
+      } catch (const std::exception& e) {
+        return failed(e);
+      }
+    },
+    [=](transfer::fetch_atom, const std::string& path, uint64_t offset) -> caf::result<std::string> {
+      try {
+        return transfer::read_chunk(path, offset);
+      } catch (const std::exception& e) {
+        return failed(e);
+      }
+    },
     [=](persist_atom, PersistRequest& req) -> caf::result<Checkpoint> {
       try {
         CheckpointWriter writer(req.final_path);

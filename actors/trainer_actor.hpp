@@ -94,6 +94,12 @@ struct TrainerState {
   /// they are committed, so that it starts from the newest one and never reuses the
   /// report indices (and checkpoint names) of a late commit.
   bool restart_after_persists = false;
+  /// The id written into the run directory, by which a worker process tells whether it
+  /// sees the driver's storage (else its checkpoints travel as messages).
+  std::string storage_id;
+  /// The files of each checkpoint handed to workers (an attempt's start, a report's
+  /// commit): what a worker process that does not see the storage may fetch.
+  std::map<std::string, std::set<std::string>> served;
   // -- callers --
   std::vector<caf::actor> subscribers;
   std::vector<caf::response_promise> fit_promises;

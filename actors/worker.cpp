@@ -18,6 +18,7 @@
 #include <caf/all.hpp>
 #include <torch/torch.h>
 
+#include "actors/checkpoint_transfer.hpp"
 #include "actors/messages.hpp"
 #include "actors/process_launcher.hpp"
 #include "actors/torch_trainer.hpp"
@@ -163,8 +164,14 @@ class ActorSession : public Session {
   }
 
   std::optional<Checkpoint> latest_checkpoint() const override {
-    std::lock_guard<std::mutex> guard(mtx_);
-    return latest_ ? latest_ : spec_.checkpoint;
+    std::optional<Checkpoint> latest;
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      latest = latest_ ? latest_ : spec_.checkpoint;
+    }
+    if (!latest || spec_.shared_storage)
+      return latest;
+    return local_copy(*latest);
   }
 
   void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint,
@@ -177,8 +184,6 @@ class ActorSession : public Session {
     r.attempt = spec_.context.attempt;
     r.index = next_index_++;
     r.metrics = metrics;
-    if (checkpoint)
-      r.checkpoint_dir = checkpoint->path();
     r.checkpoint_dir_name = args.checkpoint_dir_name;
     auto& run = spec_.run->options.run;
     struct Waiting {
@@ -192,6 +197,8 @@ class ActorSession : public Session {
       }
     };
     Waiting waiting(*this); // blocked by the others, not stalled
+    if (checkpoint)
+      r.checkpoint_dir = spec_.shared_storage ? checkpoint->path() : send_checkpoint(checkpoint->path(), r);
     caf::scoped_actor self{sys_};
     self->request(spec_.trainer, run.report_timeout + std::chrono::seconds(30), report_atom::value, r)
       .receive([&](ack_atom, Checkpoint& persisted) {
@@ -209,15 +216,17 @@ class ActorSession : public Session {
   }
 
   /// Writes `files` into a staging directory beside the run's checkpoints (same file
-  /// system: the persister moves them) and reports it.
+  /// system: the persister moves them), or of this process when it does not see the
+  /// run's storage, and reports it.
   void report_files(const Metrics& metrics, const std::map<std::string, std::vector<char>>& files) {
     if (files.empty())
       return report(metrics, std::nullopt, {});
     static std::atomic<uint64_t> counter{0};
     auto& ctx = spec_.context;
-    auto dir = std::filesystem::path(ctx.run_dir) / ".staging" /
-               ("a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank) + "-" +
-                std::to_string(::getpid()) + "-" + std::to_string(counter++));
+    auto root = spec_.shared_storage ? std::filesystem::path(ctx.run_dir) / ".staging"
+                                     : std::filesystem::path(transfer::local_root()) / "staging";
+    auto dir = root / ("a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank) + "-" +
+                       std::to_string(::getpid()) + "-" + std::to_string(counter++));
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);
     if (ec)
@@ -229,6 +238,41 @@ class ActorSession : public Session {
       write_file_atomic(path.string(), bytes);
     }
     report(metrics, Checkpoint::from_directory(dir.string()), {});
+  }
+
+  /// Sends the files of the checkpoint directory `dir` to the trainer (this process
+  /// does not see the run's storage); the directory they now have on the driver. A
+  /// staging directory of this process is removed once sent.
+  std::string send_checkpoint(const std::string& dir, const WorkerReport& r) {
+    auto name = "a" + std::to_string(r.attempt) + "-r" + std::to_string(r.rank) + "-i" +
+                std::to_string(r.index) + "-" + std::to_string(::getpid());
+    auto timeout = spec_.run->options.run.report_timeout + std::chrono::seconds(30);
+    auto remote = transfer::upload(sys_, spec_.trainer, dir, name, timeout);
+    auto staging = std::filesystem::path(transfer::local_root()) / "staging";
+    if (dir.compare(0, staging.string().size(), staging.string()) == 0) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+    return remote;
+  }
+
+  /// A copy of the driver's checkpoint `ckpt` on this machine (fetched once; the copy of
+  /// an older checkpoint is removed when a newer one is fetched).
+  Checkpoint local_copy(const Checkpoint& ckpt) const {
+    std::lock_guard<std::mutex> guard(copy_mtx_);
+    if (copy_ && copy_of_ == ckpt.path())
+      return *copy_;
+    auto dir = std::filesystem::path(transfer::local_root()) / "checkpoints" /
+               std::filesystem::path(ckpt.path()).filename();
+    if (copy_) {
+      std::error_code ec;
+      std::filesystem::remove_all(copy_->path(), ec);
+      copy_.reset();
+    }
+    auto timeout = spec_.run->options.run.report_timeout + std::chrono::seconds(30);
+    copy_ = transfer::download(sys_, spec_.trainer, ckpt, dir.string(), timeout);
+    copy_of_ = ckpt.path();
+    return *copy_;
   }
 
   /// Rendezvous of this attempt's communicator (world_size > 1).
@@ -319,6 +363,10 @@ class ActorSession : public Session {
   std::shared_ptr<Communicator> communicator_;
   /// The checkpoint the latest completed report of this rank persisted.
   std::optional<Checkpoint> latest_;
+  /// Without the run's storage: the local copy of a checkpoint on the driver.
+  mutable std::mutex copy_mtx_;
+  mutable std::optional<Checkpoint> copy_;
+  mutable std::string copy_of_;
   std::atomic<bool> stop_{false};
   std::string stop_reason_;
   std::atomic<int64_t> last_beat_{std::chrono::steady_clock::now().time_since_epoch().count()};

@@ -61,6 +61,9 @@ struct WorkerSpec {
   /// Receives `(alive_atom)` at every heartbeat check of the worker actor: the launcher
   /// of a worker process, which declares a silent process hung. Default none.
   caf::actor watchdog;
+  /// False in a worker process that does not see the driver's storage: its checkpoints
+  /// travel to the trainer as messages, and it fetches those it reads.
+  bool shared_storage = true;
 };
 
 struct WorkerState {

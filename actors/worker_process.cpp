@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <future>
 #include <iostream>
 #include <map>
@@ -16,6 +17,7 @@
 #include <caf/io/all.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/checkpoint_transfer.hpp"
 #include "actors/cluster.hpp"
 #include "actors/network.hpp"
 #include "actors/process_launcher.hpp"
@@ -184,6 +186,11 @@ void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
   ws.checkpoint = a.checkpoint;
   ws.first_report_index = a.first_report_index;
   ws.watchdog = a.launcher;
+  ws.shared_storage = transfer::sees_storage(a.context.run_dir, a.storage_id);
+  if (!ws.shared_storage)
+    spdlog::info("caftrain: rank {}: the run's storage '{}' is not visible on this machine; "
+                 "checkpoints travel to the driver as messages",
+                 a.context.world_rank, a.context.run_dir);
   auto ended = std::make_shared<std::promise<WorkerExit>>();
   auto result = ended->get_future();
   ws.on_exit = [ended](const WorkerExit& exit) { ended->set_value(exit); };
@@ -195,6 +202,8 @@ void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
   self->request(a.launcher, std::chrono::seconds(10), worker_exit_atom::value, exit)
     .receive([](bool) {}, [](caf::error&) {});
   join_worker_threads(run->name, std::chrono::seconds(1));
+  std::error_code ec;
+  std::filesystem::remove_all(transfer::local_root(), ec); // checkpoints staged or fetched
   spdlog::default_logger()->flush();
   std::fflush(stdout);
   std::fflush(stderr);

@@ -57,6 +57,7 @@ set(CAFTRAIN_SOURCES
   train/trainer.cpp
   train/trainer_state.cpp
   # actors: the trainer, its workers, messages, and the TorchTrainer façade
+  actors/checkpoint_transfer.cpp
   actors/cluster.cpp
   actors/head.cpp
   actors/messages.cpp

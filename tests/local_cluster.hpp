@@ -59,15 +59,36 @@ class LocalCluster {
 
   /// Starts `caftrain node --name NAME --cpus CPUS` with `token` (the cluster's file by
   /// default) and `extra` options; returns its pid. Its output goes to `output` ("": the
-  /// test's).
+  /// test's). `env` adds to its environment; a `hidden` directory is one the node and its
+  /// worker processes cannot see (see `can_hide`): an empty file system over it.
   pid_t add_node(const std::string& name, int cpus, const std::string& token = "",
-                 std::vector<std::string> extra = {}, const std::string& output = "") {
-    std::vector<std::string> argv{CAFTRAIN_CLI, "node", "--head", address, "--name", name, "--cpus",
-                                  std::to_string(cpus), "--token-file", token.empty() ? token_file : token};
+                 std::vector<std::string> extra = {}, const std::string& output = "",
+                 const std::map<std::string, std::string>& env = {}, const std::string& hidden = "") {
+    std::vector<std::string> argv;
+    if (!hidden.empty())
+      argv = hiding(hidden);
+    argv.insert(argv.end(), {CAFTRAIN_CLI, "node", "--head", address, "--name", name, "--cpus",
+                             std::to_string(cpus), "--token-file", token.empty() ? token_file : token});
     argv.insert(argv.end(), extra.begin(), extra.end());
-    auto pid = spawn_process(CAFTRAIN_CLI, argv, {}, SpawnOptions{output});
+    auto pid = spawn_process(argv[0], argv, env, SpawnOptions{output});
     nodes_[name] = pid;
     return pid;
+  }
+
+  /// Whether this machine lets a process hide `dir` from itself (a mount namespace of its
+  /// own with a tmpfs over it: root, or unprivileged user namespaces, and unshare(1)).
+  static bool can_hide(const std::string& dir) {
+    auto argv = hiding(dir);
+    argv.push_back("true");
+    return wait_process(spawn_process(argv[0], argv, {})) == 0;
+  }
+
+  /// A command prefix that runs the rest of its command line where `dir` is an empty
+  /// tmpfs: another machine's view of a storage path it does not share. The command
+  /// keeps its pid (unshare and sh exec it).
+  static std::vector<std::string> hiding(const std::string& dir) {
+    return {"/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+            "mount -t tmpfs caftrain-hidden \"$0\" && exec \"$@\"", dir};
   }
 
   /// Waits until the head lists `n` nodes (as seen from `sys`, which is connected).

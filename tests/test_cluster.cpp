@@ -16,6 +16,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <map>
+#include <set>
 #include <thread>
 
 #include "actors/cluster.hpp"
@@ -88,6 +90,11 @@ void train_func(const Config& c) {
                    .enable_progress_bar = false});
   trainer = prepare_trainer(std::move(trainer));
   auto ckpt = train::get_checkpoint();
+  // Whether this rank sees the run's storage, and where the checkpoint it resumes from is.
+  if (auto seen = c.get<std::string>("storage_out", ""); !seen.empty()) {
+    std::ofstream f(seen + "/a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank));
+    f << fs::exists(fs::path(ctx.run_dir) / "run.json") << " " << (ckpt ? ckpt->path() : "-") << "\n";
+  }
   trainer.fit(model, data::DataLoader(data, {.batch_size = 16, .shuffle = true, .seed = 9}),
               std::nullopt, ckpt ? ckpt->path() : "");
 }
@@ -257,6 +264,168 @@ TEST_CASE("A node SIGKILLed mid-run is detected at once and the run ends on the 
   CHECK(r0[1] != r1[1]);
   check_none_left(faulty);
   CHECK(cluster->status(s.sys).nodes.size() == 2);
+}
+
+TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as messages and fetch the one they resume from; after a node's loss the run ends with the weights of an undisturbed run", "[cluster][storage]") {
+  test::TempDir dir;
+  auto storage = dir / "storage";
+  auto seen = dir / "storage-seen";
+  auto clean = options(dir, "clean", "thread");
+  auto faulty = options(dir, "faulty", "process");
+  faulty.run.storage_path = storage;
+  faulty.train_loop_config.set("wait_for_kill", true);
+  faulty.train_loop_config.set("storage_out", seen);
+  faulty.run.failure.max_failures = 1;
+  Result undisturbed;
+  {
+    System local;
+    if (!is_worker_process())
+      fs::create_directories(clean.train_loop_config.get<std::string>("out"));
+    undisturbed = TorchTrainer(local.sys, train_func, clean).fit();
+  }
+  std::optional<Cluster> cluster;
+  System s;
+  bool hidden = false;
+  if (!is_worker_process()) {
+    for (auto& d : {storage, seen, faulty.train_loop_config.get<std::string>("out")})
+      fs::create_directories(d);
+    // The nodes run in mount namespaces of their own with an empty file system over the
+    // storage path: a cluster without a shared filesystem, on one machine.
+    hidden = Cluster::can_hide(storage);
+    if (!hidden)
+      WARN("this machine cannot hide a directory from a process (no mount namespace): the "
+           "nodes are told CAFTRAIN_SHARED_STORAGE=0 instead");
+    cluster.emplace(dir);
+    REQUIRE_FALSE(cluster->address.empty());
+    for (std::string name : {"node-a", "node-b", "node-c"}) {
+      auto tmp = dir / ("tmp-" + name); // each node's own TMPDIR: its local copies
+      fs::create_directories(tmp);
+      std::map<std::string, std::string> env{{"TMPDIR", tmp}};
+      if (!hidden)
+        env["CAFTRAIN_SHARED_STORAGE"] = "0";
+      cluster->add_node(name, 1, "", {}, "", env, hidden ? storage : "");
+    }
+    REQUIRE(cluster->connect_and_wait(s.sys, 3));
+  }
+  TorchTrainer trainer(s.sys, train_func, faulty);
+  trainer.start(); // a worker process runs its rank here and ends
+  auto marker = faulty.train_loop_config.get<std::string>("out") + "/stuck";
+  auto deadline = Clock::now() + std::chrono::seconds(120);
+  while (!fs::exists(marker) && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(fs::exists(marker));
+  std::string node_pid;
+  std::ifstream(marker) >> node_pid;
+  REQUIRE(::kill(std::stoi(node_pid), SIGKILL) == 0);
+  auto result = trainer.fit();
+  INFO((result.error ? result.error->message : ""));
+  REQUIRE(undisturbed.ok());
+  REQUIRE(result.ok());
+  CHECK(result.attempts == 2);
+  REQUIRE(result.metrics_history.size() == 12);
+  test::check_same_weights(undisturbed, result);
+  // Every rank ran where the run directory is not visible; attempt 1 resumed from a copy
+  // of the driver's checkpoint fetched into its node's TMPDIR.
+  for (int attempt : {0, 1})
+    for (int rank : {0, 1}) {
+      std::ifstream f(seen + "/a" + std::to_string(attempt) + "-r" + std::to_string(rank));
+      std::string sees, from;
+      f >> sees >> from;
+      CAPTURE(attempt, rank, sees, from);
+      if (hidden)
+        CHECK(sees == "0");
+      if (attempt == 0) {
+        CHECK(from == "-");
+      } else {
+        CHECK_THAT(from, Contains(dir / "tmp-node-") && Contains("/caftrain-worker-") &&
+                           Contains("/checkpoints/checkpoint_"));
+        CHECK_FALSE(fs::exists(from)); // the worker process removed its copies when it ended
+      }
+    }
+  // What the driver committed is complete (every file's size and CRC), and no upload is
+  // left in the run directory once the run's I/O actor ended.
+  REQUIRE_FALSE(result.best_checkpoints.empty());
+  for (auto& [ckpt, metrics] : result.best_checkpoints)
+    CHECK_NOTHROW(ckpt.validate());
+  auto staging = fs::path(storage) / "faulty" / ".staging";
+  auto uploads_left = [&] {
+    size_t n = 0;
+    std::error_code ec;
+    for (auto& e : fs::directory_iterator(staging, ec))
+      n += e.path().filename().string().rfind("upload-", 0) == 0;
+    return n;
+  };
+  deadline = Clock::now() + std::chrono::seconds(5);
+  while (uploads_left() > 0 && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(uploads_left() == 0);
+  check_none_left(faulty);
+}
+
+TEST_CASE("A Tuner connected to a cluster runs its trials' worker processes on the nodes; a thread-mode Tuner is refused there", "[cluster][tuner]") {
+  test::TempDir dir;
+  auto out = dir / "where";
+  std::optional<Cluster> cluster;
+  System s;
+  std::set<std::string> nodes;
+  if (!is_worker_process()) {
+    fs::create_directories(out);
+    cluster.emplace(dir);
+    REQUIRE_FALSE(cluster->address.empty());
+    for (auto name : {"node-a", "node-b"})
+      nodes.insert(std::to_string(cluster->add_node(name, 1)));
+    REQUIRE(cluster->connect_and_wait(s.sys, 2));
+  }
+  tune::TunerOptions o;
+  o.run_config.name = "exp";
+  o.run_config.storage_path = dir.path();
+  o.verbose = 0;
+  o.param_space = {{"x", tune::grid_search({0.1, 0.3, 0.8, 0.5})}, {"out", out}};
+  o.tune_config = {.metric = "loss", .mode = "min"};
+  if (!is_worker_process()) {
+    try {
+      tune::Tuner(s.sys, [](const Config&) {}, o);
+      FAIL("a thread-mode Tuner was accepted on a cluster");
+    } catch (const Error& e) {
+      CHECK(e.code() == Errc::invalid_config);
+      CHECK_THAT(e.what(), Contains("worker_mode = \"process\""));
+    }
+  }
+  o.scaling.worker_mode = "process";
+  // Each trial's worker process writes its node (its parent), then reports (x - 0.3)^2.
+  auto trainable = [](const Config& c) {
+    std::ofstream(c.get<std::string>("out") + "/" + train::get_context().run_name) << ::getppid();
+    auto x = c.get<double>("x");
+    for (int i = 0; i < 2; ++i)
+      train::report({{"loss", (x - 0.3) * (x - 0.3)}});
+  };
+  tune::Tuner tuner(s.sys, trainable, o);
+  auto grid = tuner.fit(); // a worker process runs its trial's rank here and ends
+  REQUIRE(grid.size() == 4);
+  CHECK_FALSE(grid.error());
+  std::set<std::string> used;
+  for (auto& t : grid) {
+    INFO(t.trial_id << ": " << (t.error ? t.error->message : ""));
+    CHECK(t.ok());
+    CHECK(t.metrics_history.size() == 2);
+    std::string parent;
+    std::ifstream(out + "/" + t.trial_id) >> parent;
+    CHECK(nodes.count(parent) == 1); // started by a node agent, not by this driver
+    used.insert(parent);
+  }
+  CHECK(used.size() == 2); // 4 trials of one CPU each on two nodes of one CPU
+  CHECK(grid.get_best_result().config.get<double>("x") == Approx(0.3));
+  // The nodes have their CPUs back.
+  auto deadline = Clock::now() + std::chrono::seconds(5);
+  auto free_cpus = [&] {
+    double n = 0;
+    for (auto& node : cluster->status(s.sys).nodes)
+      n += node.available.get("CPU");
+    return n;
+  };
+  while (free_cpus() < 2 && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(free_cpus() == 2);
 }
 
 TEST_CASE("A cluster refuses a wrong token, and a run it can never hold, naming the problem", "[cluster]") {

@@ -3,6 +3,8 @@
 // decisions, the control messages and the time budget end trials at once.
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -740,4 +742,45 @@ TEST_CASE("Tuner::restore continues a cancelled experiment: ended trials are kep
   CHECK(grid[0].attempts == 1); // the ended trial was not run again
   CHECK(grid[2].attempts >= 2);
   CHECK_THROWS_WITH(Tuner::restore(s.sys, dir / "nothing", counter, o), Catch::Contains("holds no experiment"));
+}
+
+TEST_CASE("A Tuner's trials run as worker processes, each with its sampled config, and leave none behind", "[tuner][worker_process]") {
+  test::TempDir dir;
+  System s;
+  auto out = dir / "where";
+  if (!is_worker_process())
+    fs::create_directories(out);
+  auto o = options_in(dir);
+  o.param_space = {{"x", grid_search({0.1, 0.3, 0.8})}, {"out", out}};
+  o.tune_config = {.metric = "loss", .mode = "min"};
+  o.scaling.worker_mode = "process";
+  // Each trial's worker process says who it is, then reports the curve.
+  auto trainable = [](const Config& c) {
+    std::ofstream(c.get<std::string>("out") + "/" + train::get_context().run_name) << ::getpid();
+    curve_trainable(3)(c);
+  };
+  Tuner tuner(s.sys, trainable, o);
+  auto grid = tuner.fit(); // a worker process runs its trial's rank here and ends
+  REQUIRE(grid.size() == 3);
+  CHECK_FALSE(grid.error());
+  CHECK(grid.num_terminated() == 3);
+  std::set<std::string> pids;
+  for (auto& t : grid) {
+    INFO(t.trial_id << ": " << (t.error ? t.error->message : ""));
+    CHECK(t.ok());
+    CHECK(iterations(t) == 3);
+    CHECK(t.metrics.at("loss") == Approx(curve(t.config.get<double>("x"), 3)));
+    std::string pid;
+    std::ifstream(out + "/" + t.trial_id) >> pid;
+    CHECK(pid != std::to_string(::getpid()));
+    pids.insert(pid);
+  }
+  CHECK(pids.size() == 3);
+  for (auto& pid : pids) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (test::process_exists(pid) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK_FALSE(test::process_exists(pid));
+  }
+  CHECK(grid.get_best_result().config.get<double>("x") == Approx(0.3));
 }

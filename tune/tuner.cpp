@@ -8,9 +8,12 @@
 #include <caf/all.hpp>
 #include <nlohmann/json.hpp>
 
+#include "actors/cluster.hpp"
 #include "actors/messages.hpp"
 #include "actors/run_files.hpp"
 #include "actors/torch_trainer.hpp"
+#include "actors/worker.hpp"
+#include "actors/worker_process.hpp"
 #include "checkpoint/files.hpp"
 #include "core/error.hpp"
 #include "tune/basic_variant_generator.hpp"
@@ -154,17 +157,31 @@ Tuner::Tuner(caf::actor_system& system, TrainFunc trainable, TunerOptions option
   probe.torch_config = options.torch_config;
   probe.run = options.run_config;
   probe.run.name = "trial";
+  auto on_cluster = cluster_of(system).has_value();
   try {
-    validate(probe);
+    validate(probe, !on_cluster && !is_worker_process()); // a node's worker holds one bundle
   } catch (const Error& e) {
     refuse(std::string("a trial's run would be refused: ") + e.what());
   }
+  if (on_cluster && options.scaling.worker_mode != "process")
+    refuse("this program is connected to a cluster (caftrain::connect), whose nodes run a "
+           "trial's workers as processes; set ScalingConfig.worker_mode = \"process\"");
   auto spec = std::make_shared<TunerSpec>();
   spec->trainable = std::move(trainable);
   spec->name = options.run_config.name.empty() ? timestamped_name("Tuner") : options.run_config.name;
   spec->dir = fs::absolute(fs::path(storage_root(options.run_config.storage_path)) / spec->name)
                 .lexically_normal()
                 .string();
+  if (options.scaling.worker_mode == "process")
+    spec->job = detail::next_job(); // as a TorchTrainer's: the same number in every process
+  impl_->system = &system;
+  if (is_worker_process()) {
+    // A trial's worker process runs the program up to here: the trial's run and its
+    // directory are the driver's; nothing is created or spawned.
+    spec->options = std::move(options);
+    impl_->spec = spec;
+    return;
+  }
   std::error_code ec;
   if (restored.empty() && fs::exists(fs::path(spec->dir) / "experiment_state.json", ec))
     refuse("'" + spec->dir + "' holds an experiment already; continue it with Tuner::restore, "
@@ -175,7 +192,6 @@ Tuner::Tuner(caf::actor_system& system, TrainFunc trainable, TunerOptions option
     throw Error(Errc::io_error, "Tuner: cannot create the experiment directory '" + spec->dir +
                                   "': " + ec.message());
   spec->options = std::move(options);
-  impl_->system = &system;
   impl_->spec = spec;
   impl_->actor = system.spawn(tuner_actor, std::move(spec));
 }
@@ -184,9 +200,38 @@ Tuner::~Tuner() = default;
 Tuner::Tuner(Tuner&&) noexcept = default;
 Tuner& Tuner::operator=(Tuner&&) noexcept = default;
 
+namespace {
+
+/// In a worker process: runs the trial's rank when this process was started for one of
+/// this Tuner's trials (and then never returns); else the grid of an inert Tuner.
+ResultGrid run_if_my_job(caf::actor_system& system, const TunerSpec& spec) {
+  if (spec.job >= 0) {
+    RunSpec run;
+    run.train_func = spec.trainable;
+    run.options.scaling = spec.options.scaling;
+    run.options.torch_config = spec.options.torch_config;
+    run.options.run = spec.options.run_config;
+    run.job = spec.job;
+    if (detail::is_my_job(run))
+      detail::run_worker_process(system, run); // the trial's config and run come from the driver
+  }
+  auto& env = *detail::worker_process_env();
+  auto& tc = spec.options.tune_config;
+  return ResultGrid(spec.dir, {}, tc.metric, tc.mode,
+                    RunError{Errc::cancelled, "this process is a worker process of run '" + env.run_name +
+                                                "' (process-mode job #" + std::to_string(env.job) +
+                                                " of the program); no other Tuner runs here"});
+}
+
+} // namespace
+
 ResultGrid Tuner::fit() {
   if (impl_->result)
     return *impl_->result;
+  if (is_worker_process()) {
+    impl_->result = run_if_my_job(*impl_->system, *impl_->spec);
+    return *impl_->result;
+  }
   impl_->started = true;
   caf::scoped_actor self{*impl_->system};
   ResultGrid grid;
@@ -211,6 +256,10 @@ ResultGrid Tuner::fit() {
 }
 
 caf::actor Tuner::start() {
+  if (is_worker_process()) {
+    impl_->result = run_if_my_job(*impl_->system, *impl_->spec);
+    return impl_->actor; // none: this Tuner does not run here
+  }
   impl_->started = true;
   caf::anon_send(impl_->actor, start_atom::value);
   return impl_->actor;

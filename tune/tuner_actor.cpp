@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/cluster.hpp"
 #include "actors/placed_run.hpp"
 #include "actors/pool_actor.hpp"
 #include "actors/subscribers.hpp"
@@ -370,7 +371,7 @@ void start_trial(Self self, Trial& t, Placement placement) {
   auto& st = self->state;
   PlacedRun run;
   try {
-    run = spawn_placed_run(self->system(), st.spec->trainable, trial_options(self, t), placement);
+    run = spawn_placed_run(self->system(), st.spec->trainable, trial_options(self, t), placement, st.spec->job);
   } catch (const Error& e) {
     self->send(st.pool, pool_release_atom::value, placement.id);
     t.error = RunError{e.code(), e.what()};
@@ -767,7 +768,7 @@ void start(Self self) {
     return;
   st.started = true;
   st.started_at = std::chrono::steady_clock::now();
-  st.pool = local_pool(self->system());
+  st.pool = system_pool(self->system()); // the cluster's, when the program connected to one
   st.tty = isatty(fileno(stdout)) != 0;
   auto budget = tune_config(self).time_budget_s;
   if (budget > 0)

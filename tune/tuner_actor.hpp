@@ -191,6 +191,10 @@ struct TunerSpec {
   std::string dir;
   /// `Tuner::restore`: the trials the experiment had, in creation order.
   std::vector<RestoredTrial> restored;
+  /// The Tuner's number among the program's process-mode jobs when its trials run worker
+  /// processes (ScalingConfig.worker_mode "process"; see actors/worker_process.hpp), else
+  /// -1. Every trial's worker processes run the program up to this Tuner.
+  int64_t job = -1;
 };
 
 /// The trials recorded in `<dir>/experiment_state.json`. Throws `Error(invalid_config)`

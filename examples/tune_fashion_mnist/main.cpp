@@ -5,6 +5,8 @@
 //   build/examples/tune_fashion_mnist --workers 2          # distributed trials: DDP on 2 ranks
 //   build/examples/tune_fashion_mnist --checkpoint         # TuneReportCheckpointCallback
 //   build/examples/tune_fashion_mnist --num-samples 20 --epochs 4 --limit-train-batches -1
+//   build/examples/tune_fashion_mnist --processes          # each rank its own process
+//   build/examples/tune_fashion_mnist --address 127.0.0.1:6380  # trials on a cluster's nodes
 //
 // Every trial is a TorchTrainer run placed through the process's resource pool (one CPU
 // per worker by default): on 2 cores, two 1-worker trials run at once. Prints the trial
@@ -71,13 +73,20 @@ struct Flags {
   bool checkpoint = false;
   std::string data = caftrain::data::FashionMNIST::default_root;
   std::string output = "runs/tune_fashion_mnist";
+  bool processes = false;
+  // A job of `caftrain submit` finds its cluster in $CAFTRAIN_ADDRESS.
+  std::string address = caftrain::default_address();
+  std::string token_file;
 };
 
 [[noreturn]] void usage(const std::string& problem) {
   std::cerr << "tune_fashion_mnist: " << problem << "\n"
             << "flags: --num-samples N  --epochs N  --limit-train-batches N (-1: all)\n"
             << "       --limit-val-batches N (-1: all)  --workers N (ranks per trial)\n"
-            << "       --checkpoint (TuneReportCheckpointCallback)  --data DIR  --output DIR\n";
+            << "       --checkpoint (TuneReportCheckpointCallback)  --data DIR  --output DIR\n"
+            << "       --processes (each rank of a trial its own process of this program)\n"
+            << "       --address HOST:PORT (trials on the nodes of the cluster whose head is there;\n"
+            << "                            default $CAFTRAIN_ADDRESS)  --token-file F\n";
   std::exit(2);
 }
 
@@ -114,6 +123,12 @@ Flags parse(int argc, char** argv) {
       f.data = value();
     else if (a == "--output")
       f.output = value();
+    else if (a == "--processes")
+      f.processes = true;
+    else if (a == "--address")
+      f.address = value();
+    else if (a == "--token-file")
+      f.token_file = value();
     else
       usage("unknown flag " + a);
   }
@@ -161,6 +176,10 @@ int main(int argc, char** argv) {
   caf::actor_system sys{cfg};
   namespace tune = caftrain::tune;
   try {
+    // On a cluster every trial's ranks are processes on its nodes (as `ray.init(address=...)`).
+    if (!flags.address.empty())
+      caftrain::connect(sys, flags.address, {.token_file = flags.token_file});
+    auto processes = flags.processes || !flags.address.empty();
     tune::TunerOptions options;
     options.param_space = {
       {"layer_1", tune::choice({32, 64, 128})},
@@ -182,7 +201,7 @@ int main(int argc, char** argv) {
         .max_t = static_cast<double>(flags.epochs), .grace_period = 1, .reduction_factor = 2}),
     };
     options.run_config = {.name = "tune_mnist", .storage_path = flags.output};
-    options.scaling = {.num_workers = flags.workers};
+    options.scaling = {.num_workers = flags.workers, .worker_mode = processes ? "process" : "thread"};
     options.torch_config = {.backend = flags.workers > 1 ? "gloo" : "auto"};
     // A new experiment directory per invocation: an old one is kept as it is.
     options.run_config.name += "_" + std::to_string(::getpid());
