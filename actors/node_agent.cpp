@@ -69,14 +69,14 @@ int run_node(caf::actor_system& system, const NodeOptions& options) {
     return fail("cannot reach the head at " + options.head + ": " + system.render(reached.error()) + tls_hint(system));
   auto head = std::move(*reached);
   // The node's worker processes connect here, on this machine.
-  auto hub = system.spawn(hub_actor);
+  auto hub = system.spawn(hub_actor, std::shared_ptr<SparePool>{}); // no spares on nodes yet
   auto port = net::publish(system, hub, 0, "127.0.0.1");
   if (!port)
     return fail("cannot open the port worker processes connect to: " + system.render(port.error()));
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
   auto name = options.name.empty() ? std::string(host) + "-" + std::to_string(::getpid()) : options.name;
-  auto agent = system.spawn(node_agent_actor, name, HubAddress{hub, "127.0.0.1", *port});
+  auto agent = system.spawn(node_agent_actor, name, HubAddress{hub, "127.0.0.1", *port, nullptr});
   // Drivers connect to the agent directly: launches and their workers' ends do not pass
   // through the head.
   auto host_for_drivers = advertise_as(options.host, address.first);

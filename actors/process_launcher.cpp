@@ -21,24 +21,146 @@ void add_worker_process_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<LaunchSpec>("caftrain::LaunchSpec");
 }
 
+// -- warm spares -------------------------------------------------------------------------
+
+SparePool::~SparePool() {
+  close();
+}
+
+void SparePool::start(const std::string& slot, const LaunchSpec& spec) {
+  std::lock_guard<std::mutex> guard(mtx_);
+  if (closed_)
+    return;
+  for (auto& [key, spare] : spares_)
+    if (spare.slot == slot && !spare.owner && !spare.gone->load())
+      return;
+  auto key = spec.key + "-spare";
+  auto env = spec.env;
+  env["CAFTRAIN_WORKER_KEY"] = key;
+  env["CAFTRAIN_WORKER_SPARE"] = "1";
+  pid_t pid = -1;
+  try {
+    pid = spawn_process(spec.program, spec.argv, env);
+  } catch (const Error& e) {
+    spdlog::warn("caftrain: cannot start a spare worker process for {}: {}", slot, e.what());
+    return;
+  }
+  ++started_;
+  auto gone = std::make_shared<std::atomic<bool>>(false);
+  auto reaper = std::make_shared<std::thread>([pool = weak_from_this(), key, pid, gone] {
+    auto status = wait_process(pid);
+    gone->store(true);
+    auto self = pool.lock();
+    if (!self)
+      return;
+    caf::actor owner;
+    bool unexpected = false;
+    {
+      std::lock_guard<std::mutex> guard(self->mtx_);
+      auto i = self->spares_.find(key);
+      if (i == self->spares_.end())
+        return;
+      owner = i->second.owner;
+      if (!owner && i->second.reaper)
+        self->ended_.push_back(std::move(i->second.reaper)); // this thread; joined by close
+      unexpected = !owner && !self->closed_;
+      self->spares_.erase(i);
+    }
+    if (owner)
+      caf::anon_send(owner, reaped_atom::value, status);
+    else if (unexpected)
+      spdlog::warn("caftrain: spare worker process {} {} before it was needed", pid, describe_exit(status));
+  });
+  spares_[key] = Spare{slot, pid, caf::actor(), reaper, gone};
+}
+
+std::optional<SparePool::Claimed> SparePool::claim(const std::string& slot, const caf::actor& owner) {
+  std::lock_guard<std::mutex> guard(mtx_);
+  for (auto& [key, spare] : spares_) {
+    if (spare.slot != slot || spare.owner || spare.gone->load())
+      continue;
+    spare.owner = owner;
+    return Claimed{spare.pid, key, std::move(spare.reaper), spare.gone};
+  }
+  return std::nullopt;
+}
+
+bool SparePool::find(const std::string& key, caf::actor& owner) {
+  std::lock_guard<std::mutex> guard(mtx_);
+  auto i = spares_.find(key);
+  if (i == spares_.end())
+    return false;
+  owner = i->second.owner;
+  return true;
+}
+
+void SparePool::close() {
+  std::vector<std::shared_ptr<std::thread>> reapers;
+  {
+    std::lock_guard<std::mutex> guard(mtx_);
+    closed_ = true;
+    for (auto& [key, spare] : spares_)
+      if (!spare.owner && spare.reaper) {
+        if (!spare.gone->load())
+          ::kill(spare.pid, SIGKILL);
+        reapers.push_back(spare.reaper);
+      }
+    reapers.insert(reapers.end(), ended_.begin(), ended_.end());
+    ended_.clear();
+  }
+  for (auto& r : reapers) {
+    if (!r->joinable())
+      continue;
+    if (r->get_id() == std::this_thread::get_id())
+      r->detach(); // a reaper that held the pool's last reference: it ends right after
+    else
+      r->join();
+  }
+}
+
+int64_t SparePool::started() const {
+  std::lock_guard<std::mutex> guard(mtx_);
+  return started_;
+}
+
 // -- the hub -----------------------------------------------------------------------------
 
-caf::behavior hub_actor(caf::stateful_actor<HubState>* self) {
+caf::behavior hub_actor(caf::stateful_actor<HubState>* self, std::shared_ptr<SparePool> spares) {
+  self->state.spares = spares;
+  if (spares)
+    self->attach_functor([spares] { spares->close(); }); // the run's end: no spare stays
   return {
     [=](hub_register_atom, const std::string& key, caf::actor& launcher) {
       self->state.launchers[key] = std::move(launcher);
     },
     [=](hub_unregister_atom, const std::string& key) { self->state.launchers.erase(key); },
     [=](hello_atom hello, const std::string& key) {
+      auto& st = self->state;
       auto rp = self->make_response_promise();
-      auto i = self->state.launchers.find(key);
-      if (i == self->state.launchers.end())
+      auto i = st.launchers.find(key);
+      caf::actor owner;
+      if (i != st.launchers.end())
+        rp.delegate(i->second, hello, key);
+      else if (st.spares && st.spares->find(key, owner)) {
+        if (owner)
+          rp.delegate(owner, hello, key);
+        else
+          st.parked[key] = rp; // a spare waits for a restart
+      } else {
         rp.deliver(make_caf_error(Errc::bad_state,
                                   "this worker process's key is unknown to the run: it belongs "
                                   "to an attempt that is over"));
-      else
-        rp.delegate(i->second, hello, key);
+      }
       return rp;
+    },
+    [=](spare_claimed_atom, const std::string& key) {
+      auto& st = self->state;
+      auto i = st.parked.find(key);
+      caf::actor owner;
+      if (i == st.parked.end() || !st.spares || !st.spares->find(key, owner) || !owner)
+        return;
+      i->second.delegate(owner, hello_atom::value, key);
+      st.parked.erase(i);
     },
   };
 }
@@ -51,6 +173,9 @@ using Self = caf::stateful_actor<LauncherState>*;
 
 /// How often a launcher looks at its child's hello and heartbeat.
 constexpr auto kCheckEvery = std::chrono::milliseconds(250);
+
+/// How long a rank runs before its warm spare starts.
+constexpr auto kSpareAfter = std::chrono::milliseconds(1000);
 
 std::string rank_prefix(Self self) {
   auto& st = self->state;
@@ -160,23 +285,35 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpe
   st.spec.env["MASTER_PORT"] = port;
   // With this machine's identity: a node's files, not its driver's (paths on this machine).
   add_tls_environment(self->system(), st.spec.env);
-  try {
-    st.pid = spawn_process(st.spec.program, st.spec.argv, st.spec.env);
-  } catch (const Error& e) {
-    self->send(st.spec.assignment.trainer, worker_exit_atom::value,
-               failure(self, Errc::unavailable, "rank " + std::to_string(st.spec.assignment.context.world_rank) +
-                                                   ": " + e.what()));
-    self->quit();
-    return {};
+  std::shared_ptr<std::atomic<bool>> gone;
+  std::optional<SparePool::Claimed> spare;
+  if (st.hub.spares && !st.spec.spare_slot.empty())
+    spare = st.hub.spares->claim(st.spec.spare_slot, me);
+  if (spare) {
+    // A warm spare of this rank: loaded already, waiting for its hello's answer.
+    st.pid = spare->pid;
+    st.reaper = spare->reaper;
+    gone = spare->gone;
+    self->send(st.hub.hub, spare_claimed_atom::value, spare->key);
+  } else {
+    try {
+      st.pid = spawn_process(st.spec.program, st.spec.argv, st.spec.env);
+    } catch (const Error& e) {
+      self->send(st.spec.assignment.trainer, worker_exit_atom::value,
+                 failure(self, Errc::unavailable, "rank " + std::to_string(st.spec.assignment.context.world_rank) +
+                                                     ": " + e.what()));
+      self->quit();
+      return {};
+    }
+    gone = std::make_shared<std::atomic<bool>>(false);
+    st.reaper = std::make_shared<std::thread>([pid = st.pid, me, gone]() mutable {
+      auto status = wait_process(pid);
+      gone->store(true);
+      caf::anon_send(me, reaped_atom::value, status);
+      me = nullptr;
+    });
   }
   st.started = st.last_alive = std::chrono::steady_clock::now();
-  auto gone = std::make_shared<std::atomic<bool>>(false);
-  st.reaper = std::make_shared<std::thread>([pid = st.pid, me, gone]() mutable {
-    auto status = wait_process(pid);
-    gone->store(true);
-    caf::anon_send(me, reaped_atom::value, status);
-    me = nullptr;
-  });
   me = nullptr;
   self->attach_functor([pid = st.pid, reaper = st.reaper, gone, hub = st.hub.hub, key = st.spec.key] {
     // Nothing is left behind, even when the launcher ends before its child (the actor
@@ -211,7 +348,17 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpe
       if (st.stopping) {
         st.stopping = false; // stop again, now through the worker
         stop(self, "the attempt was stopped");
+        return;
       }
+      // The next restart's process loads while this rank trains; not at once, where it
+      // would compete with this attempt's own start (its restore, its first steps).
+      if (st.hub.spares && !st.spec.spare_slot.empty())
+        self->delayed_send(self, kSpareAfter, spare_due_atom::value);
+    },
+    [=](spare_due_atom) {
+      auto& st = self->state;
+      if (!st.stopping && !st.exit)
+        st.hub.spares->start(st.spec.spare_slot, st.spec);
     },
     [=](alive_atom) { self->state.last_alive = std::chrono::steady_clock::now(); },
     [=](worker_exit_atom, const WorkerExit& exit) {

@@ -6,12 +6,15 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <caf/actor.hpp>
 #include <caf/stateful_actor.hpp>
@@ -40,6 +43,11 @@ using reaped_atom = caf::atom_constant<caf::atom("wpreaped")>;
 using kill_atom = caf::atom_constant<caf::atom("wpkill")>;
 /// (check_atom): internal; the launcher looks at its child's heartbeat and hello.
 using check_atom = caf::atom_constant<caf::atom("wpcheck")>;
+/// (spare_claimed_atom, key): a launcher took over spare `key`; the hub hands it the
+/// spare's hello if the spare is waiting already.
+using spare_claimed_atom = caf::atom_constant<caf::atom("wpclaimed")>;
+/// (spare_due_atom): internal; the launcher's rank has run a while: its spare starts.
+using spare_due_atom = caf::atom_constant<caf::atom("wpspdue")>;
 
 /// What a worker process runs: its rank's context and start, and the run it belongs to.
 struct ProcessAssignment {
@@ -78,16 +86,83 @@ typename Inspector::result_type inspect(Inspector& f, ProcessAssignment& x) {
 /// Registers the worker-process messages (from `caftrain::init`).
 void add_worker_process_message_types(caf::actor_system_config& cfg);
 
+// -- warm spares ---------------------------------------------------------------------------
+
+struct LaunchSpec;
+
+/// The warm spare processes of a run on this machine (FailureConfig::warm_spares): at
+/// most one per slot (a rank of the run), started while the attempt trains. A spare is
+/// the program started as that rank's worker process would be, with a key of its own: it
+/// runs up to its TorchTrainer, says hello to the hub and waits there. A restart's
+/// launcher of the same slot claims it and answers its hello with the new attempt's
+/// assignment, so the restart skips the process start (loading the binary and its
+/// libraries, the program's code before fit). Shared by the run's hub and launchers (one
+/// process, hence a mutex); `close` kills the spares nobody claimed.
+class SparePool : public std::enable_shared_from_this<SparePool> {
+ public:
+  /// A spare taken over by a launcher, which now owns its reaper thread: the thread
+  /// sends the launcher `(reaped_atom, status)` when the process ends.
+  struct Claimed {
+    pid_t pid = -1;
+    std::string key;
+    std::shared_ptr<std::thread> reaper;
+    std::shared_ptr<std::atomic<bool>> gone;
+  };
+
+  SparePool() = default;
+  SparePool(const SparePool&) = delete;
+  SparePool& operator=(const SparePool&) = delete;
+  ~SparePool();
+
+  /// Starts a spare for `slot` from `spec` (its program, command line and environment,
+  /// with the spare's own key) unless the slot has one that is unclaimed and alive. The
+  /// pool must be owned by a shared_ptr.
+  void start(const std::string& slot, const LaunchSpec& spec);
+
+  /// Takes over the slot's unclaimed live spare for `owner`, if any.
+  std::optional<Claimed> claim(const std::string& slot, const caf::actor& owner);
+
+  /// Whether `key` is a spare's; `owner` is then set to its owner (invalid: unclaimed).
+  bool find(const std::string& key, caf::actor& owner);
+
+  /// Kills the unclaimed spares and waits for them; later `start`s start nothing.
+  void close();
+
+  /// Spares started so far (for tests and benchmarks).
+  int64_t started() const;
+
+ private:
+  struct Spare {
+    std::string slot;
+    pid_t pid = -1;
+    caf::actor owner;
+    std::shared_ptr<std::thread> reaper;
+    std::shared_ptr<std::atomic<bool>> gone;
+  };
+
+  mutable std::mutex mtx_;
+  std::map<std::string, Spare> spares_; // by key
+  int64_t started_ = 0;
+  bool closed_ = false;
+  /// Reaper threads of spares that ended unclaimed, joined by `close`.
+  std::vector<std::shared_ptr<std::thread>> ended_;
+};
+
 // -- the hub ---------------------------------------------------------------------------------
 
 struct HubState {
   static inline const char* name = "caftrain.hub";
   std::map<std::string, caf::actor> launchers;
+  /// The run's warm spares (none on a node, or without FailureConfig::warm_spares).
+  std::shared_ptr<SparePool> spares;
+  /// Hellos of spares nobody has claimed yet, by key.
+  std::map<std::string, caf::response_promise> parked;
 };
 
 /// Hands each worker process's hello to the launcher of its key; refuses unknown keys
-/// (a process of an attempt that is over).
-caf::behavior hub_actor(caf::stateful_actor<HubState>* self);
+/// (a process of an attempt that is over). A spare's hello waits until a launcher claims
+/// the spare. `spares` may be null; the hub closes it when it ends.
+caf::behavior hub_actor(caf::stateful_actor<HubState>* self, std::shared_ptr<SparePool> spares);
 
 // -- the launcher ------------------------------------------------------------------------------
 
@@ -108,12 +183,16 @@ struct LaunchSpec {
   std::map<std::string, std::string> env;
   /// RunConfig.stop_grace, in milliseconds.
   int64_t stop_grace_ms = 0;
+  /// The rank's place among warm spares (FailureConfig::warm_spares): "" for none, else
+  /// the run and rank. The launcher takes over the spare of its slot, if one is there,
+  /// instead of starting a process, and once its process runs has the next spare started.
+  std::string spare_slot;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, LaunchSpec& x) {
   return f(caf::meta::type_name("LaunchSpec"), x.assignment, x.key, x.program, x.argv, x.env,
-           x.stop_grace_ms);
+           x.stop_grace_ms, x.spare_slot);
 }
 
 /// Where the launcher's process connects: the hub actor and its published address.
@@ -121,6 +200,8 @@ struct HubAddress {
   caf::actor hub;
   std::string host;
   uint16_t port = 0;
+  /// The hub's warm spares (may be null).
+  std::shared_ptr<SparePool> spares;
 };
 
 struct LauncherState {

@@ -69,6 +69,13 @@ struct FailureConfig {
   /// Restarts allowed after worker failures: 0 (default) fails at the first, -1 never
   /// gives up.
   int64_t max_failures = 0;
+  /// Keep a warm spare process per rank (worker processes on the driver's machine): it
+  /// starts, as the rank's process did, while the attempt trains and waits at its hello;
+  /// a restart takes the spares over instead of starting processes, which saves the
+  /// process start (loading the binary and its libraries, the program's code before
+  /// fit). Costs a second process, and its memory, per rank. Needs
+  /// ScalingConfig.worker_mode "process"; not on a cluster's nodes yet. Default false.
+  bool warm_spares = false;
 };
 
 /// Which checkpoints a run keeps (Ray's CheckpointConfig).

@@ -137,6 +137,10 @@ void validate(const TorchTrainerOptions& o, bool this_machine) {
     refuse(Errc::invalid_config, "ScalingConfig.worker_mode '" + s.worker_mode +
                                    "' is unknown; use \"thread\" (workers are threads of this "
                                    "process) or \"process\" (each worker its own process)");
+  if (o.run.failure.warm_spares && s.worker_mode != "process")
+    refuse(Errc::invalid_config, "FailureConfig.warm_spares keeps spare worker processes; set "
+                                 "ScalingConfig.worker_mode = \"process\" (thread workers restart "
+                                 "without starting anything)");
   if (b == "local" && s.worker_mode == "process")
     refuse(Errc::invalid_config, "TorchConfig.backend \"local\" joins threads of one process; "
                                  "worker processes use \"gloo\" (or \"auto\")");
@@ -211,6 +215,9 @@ std::shared_ptr<RunSpec> make_run_spec(caf::actor_system& system, TrainFunc trai
     refuse(Errc::invalid_config, "this program is connected to a cluster (caftrain::connect), whose "
                                  "nodes run workers as processes; set ScalingConfig.worker_mode "
                                  "= \"process\"");
+  if (on_cluster && options.run.failure.warm_spares)
+    refuse(Errc::invalid_config, "FailureConfig.warm_spares: a cluster's nodes keep no spare worker "
+                                 "processes yet; unset it for runs on a cluster");
   validate(options, !on_cluster);
   auto spec = std::make_shared<RunSpec>();
   spec->train_func = std::move(train_func);

@@ -124,7 +124,9 @@ bool process_mode(Self self) {
 /// directly). False, with the run ended, when it cannot.
 bool open_hub(Self self) {
   auto& st = self->state;
-  st.hub = self->spawn<caf::linked>(hub_actor);
+  if (st.spec->options.run.failure.warm_spares)
+    st.spares = std::make_shared<SparePool>();
+  st.hub = self->spawn<caf::linked>(hub_actor, st.spares);
   // On a cluster, worker processes on other machines connect here too.
   auto host = st.cluster ? advertised_host(self->system()) : std::string("127.0.0.1");
   auto port = net::publish(self->system(), st.hub, 0, host == "127.0.0.1" ? "127.0.0.1" : nullptr);
@@ -206,6 +208,8 @@ LaunchSpec launch_spec(Self self, WorkerSpec& ws) {
   ls.program = st.cluster ? own_executable() : "/proc/self/exe";
   ls.argv = worker_command();
   ls.stop_grace_ms = run.stop_grace.count();
+  if (st.spares)
+    ls.spare_slot = st.spec->name + "/rank " + std::to_string(ctx.world_rank);
   ls.env = {
     {"CAFTRAIN_WORKER_KEY", ls.key},
     {"CAFTRAIN_WORKER_RUN", st.spec->name},
@@ -252,7 +256,7 @@ void launch_process(Self self, WorkerSpec ws) {
   auto spec = launch_spec(self, ws);
   if (!st.cluster) {
     st.workers.push_back(self->spawn<caf::monitored>(launcher_actor, std::move(spec),
-                                                     HubAddress{st.hub, "127.0.0.1", st.hub_port}));
+                                                     HubAddress{st.hub, "127.0.0.1", st.hub_port, st.spares}));
     return;
   }
   st.workers.emplace_back(); // the launcher, once the node has started it

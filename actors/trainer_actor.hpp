@@ -21,6 +21,8 @@
 
 namespace caftrain {
 
+class SparePool; // actors/process_launcher.hpp
+
 /// State of a trainer actor (one per run).
 struct TrainerState {
   static inline const char* name = "caftrain.trainer";
@@ -74,6 +76,8 @@ struct TrainerState {
   /// The run's hub, where its worker processes connect (published on `hub_port`).
   caf::actor hub;
   uint16_t hub_port = 0;
+  /// The hub's warm spares (FailureConfig::warm_spares), else null.
+  std::shared_ptr<SparePool> spares;
   // -- rendezvous store --
   std::map<std::string, std::vector<char>> store;
   std::map<std::string, std::vector<caf::response_promise>> waiting;

@@ -93,6 +93,7 @@ void detect_worker_process(caf::actor_system_config& cfg) {
     env.run_name = take_env("CAFTRAIN_WORKER_RUN");
     auto job = take_env("CAFTRAIN_WORKER_JOB");
     auto parent = take_env("CAFTRAIN_WORKER_PARENT");
+    env.spare = take_env("CAFTRAIN_WORKER_SPARE") == "1";
     try {
       if (colon == std::string::npos)
         throw std::invalid_argument("no port");
@@ -158,7 +159,9 @@ void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
   caf::scoped_actor self{system};
   ProcessAssignment a;
   bool assigned = false;
-  self->request(*hub, std::chrono::seconds(60), hello_atom::value, env.key)
+  // A spare waits for a restart as long as the run lasts (the run's end kills it).
+  auto hello_timeout = env.spare ? caf::duration(caf::infinite) : caf::duration(std::chrono::seconds(60));
+  self->request(*hub, hello_timeout, hello_atom::value, env.key)
     .receive([&](ProcessAssignment& x) {
                a = std::move(x);
                assigned = true;

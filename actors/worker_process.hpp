@@ -51,6 +51,8 @@ struct WorkerProcessEnv {
   /// The run's name in the driver, and the number of its TorchTrainer there.
   std::string run_name;
   int64_t job = 0;
+  /// A warm spare (FailureConfig::warm_spares): its hello waits until a restart needs it.
+  bool spare = false;
 };
 
 /// Reads the worker variables (once per process); loads the middleman into `cfg` when

@@ -18,6 +18,12 @@
 // failure is a SIGKILL of rank 1's process, as the OOM killer sends it; the workers stamp
 // their moments into a file (steady_clock is one clock for every process of a machine).
 //
+//   build/bench/bench_recovery --spares --repeats 5
+//
+// as --processes, with FailureConfig::warm_spares: a spare process per rank is started
+// while the attempt trains (rank 1 waits 3 s before it dies, so that they are loaded),
+// and the restart takes them over instead of starting processes.
+//
 //   build/bench/bench_recovery --cluster --repeats 5
 //
 // starts a cluster on this machine (`caftrain head` and 3 `caftrain node --cpus 1`), runs
@@ -66,6 +72,7 @@ struct Flags {
   int64_t steps_after = 5;
   int64_t repeats = 5;
   bool processes = false;
+  bool spares = false;
   bool cluster = false;
   std::string dir = "/tmp/caftrain_bench";
 };
@@ -165,7 +172,8 @@ class Classifier : public caftrain::LightningModule {
 /// progress on rank 0 and times rank 0's undisturbed steps (the batch, not the report).
 class Probe : public caftrain::Callback {
  public:
-  Probe(int64_t rank, int64_t step, bool cluster) : rank_(rank), step_(step), cluster_(cluster) {}
+  Probe(int64_t rank, int64_t step, bool cluster, int64_t warm_ms)
+    : rank_(rank), step_(step), cluster_(cluster), warm_ms_(warm_ms) {}
 
   void setup(caftrain::Trainer&, caftrain::LightningModule&, caftrain::Stage) override {
     if (watching())
@@ -179,6 +187,8 @@ class Probe : public caftrain::Callback {
                             const caftrain::Batch&, int64_t) override {
     auto& ctx = caftrain::train::get_context();
     if (ctx.attempt == 0 && ctx.world_rank == rank_ && t.global_step() == step_) {
+      // With warm spares: time for them to start and load before the failure.
+      std::this_thread::sleep_for(std::chrono::milliseconds(warm_ms_));
       if (auto stuck = caftrain::train::get_context().run_dir + ".stuck"; cluster_) {
         // The driver kills this rank's node (stamping "throw"); wait for it.
         std::ofstream(stuck + ".tmp") << ::getppid() << "\n";
@@ -213,6 +223,7 @@ class Probe : public caftrain::Callback {
   int64_t rank_;
   int64_t step_;
   bool cluster_;
+  int64_t warm_ms_;
   Clock::time_point start_;
 };
 
@@ -231,7 +242,8 @@ void train_func(const caftrain::Config& c) {
     {.max_steps = c.get<int64_t>("steps"),
      .strategy = caftrain::DDPStrategy(),
      .plugins = {caftrain::ActorEnvironment()},
-     .callbacks = {Probe(1, c.get<int64_t>("fail_step"), c.get<bool>("cluster", false)),
+     .callbacks = {Probe(1, c.get<int64_t>("fail_step"), c.get<bool>("cluster", false),
+                         c.get<int64_t>("warm_ms", 0)),
                    caftrain::ReportCallback({.every_n_epochs = 0,
                                              .every_n_steps = c.get<int64_t>("checkpoint_every")})},
      .logger = false,
@@ -325,6 +337,8 @@ Sample run_once(caf::actor_system& sys, const Flags& f, int64_t repeat) {
   o.run.storage_path = f.dir;
   o.run.name = "recovery_" + std::to_string(::getpid()) + "_" + std::to_string(repeat);
   o.run.failure.max_failures = 1;
+  o.run.failure.warm_spares = f.spares;
+  o.train_loop_config.set("warm_ms", int64_t{f.spares ? 3000 : 0});
   o.run.callbacks = {std::make_shared<FailureStamp>()};
   auto marks_file = f.dir + "/" + o.run.name + ".marks";
   o.train_loop_config.set("marks", marks_file);
@@ -386,12 +400,14 @@ Flags parse(int argc, char** argv) {
       f.dir = next();
     else if (a == "--processes")
       f.processes = true;
+    else if (a == "--spares")
+      f.spares = f.processes = true;
     else if (a == "--cluster")
       f.cluster = f.processes = true;
     else {
       std::cerr << "unknown flag " << a << "\n"
                 << "flags: --workers N --batch N --fail-step N --checkpoint-every N --repeats N "
-                   "--dir DIR --processes --cluster\n";
+                   "--dir DIR --processes --spares --cluster\n";
       std::exit(2);
     }
   }
@@ -436,7 +452,7 @@ int main(int argc, char** argv) {
   });
   std::printf("workers=%lld (%s) model=mlp batch=%lld checkpoint every %lld steps, failure (%s) "
               "before step %lld (resumes from step %lld)\n",
-              static_cast<long long>(f.workers), f.cluster ? "processes on 3 nodes" : f.processes ? "processes" : "threads", static_cast<long long>(f.batch),
+              static_cast<long long>(f.workers), f.cluster ? "processes on 3 nodes" : f.spares ? "processes, warm spares" : f.processes ? "processes" : "threads", static_cast<long long>(f.batch),
               static_cast<long long>(f.checkpoint_every),
               f.cluster ? "SIGKILL of rank 1's node" : f.processes ? "SIGKILL of rank 1's process" : "rank 1 throws",
               static_cast<long long>(f.fail_step + 1),

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "core/subprocess.hpp"
@@ -36,11 +37,13 @@ using test::process_exists;
 /// whole process stops answering), or nothing ("").
 class Fault : public Callback {
  public:
-  Fault(std::string kind, int64_t step) : kind_(std::move(kind)), step_(step) {}
+  Fault(std::string kind, int64_t step, int64_t delay_ms = 0)
+    : kind_(std::move(kind)), step_(step), delay_ms_(delay_ms) {}
   void on_train_batch_start(Trainer& t, LightningModule&, const Batch&, int64_t) override {
     auto& ctx = train::get_context();
     if (kind_.empty() || ctx.world_rank != 1 || ctx.attempt != 0 || t.global_step() != step_)
       return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms_));
     if (kind_ == "kill")
       ::raise(SIGKILL);
     if (kind_ == "segv")
@@ -57,6 +60,7 @@ class Fault : public Callback {
  private:
   std::string kind_;
   int64_t step_;
+  int64_t delay_ms_;
 };
 
 /// The Classifier with randomness of each rank's own, as data augmentation draws: noise
@@ -93,6 +97,12 @@ void train_func(const Config& c) {
       << env_or("MASTER_PORT", "-") << " [" << env_or("CUDA_VISIBLE_DEVICES", "unset") << "] "
       << ctx.world_rank << " " << ctx.world_size << " " << ctx.local_rank << "\n";
   }
+  // Whether this process started as a warm spare (FailureConfig::warm_spares).
+  if (auto stamps = c.get<std::string>("stamps", ""); !stamps.empty()) {
+    auto& env = caftrain::detail::worker_process_env();
+    std::ofstream(stamps + "/a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank))
+      << ::getpid() << " " << (env && env->spare) << "\n";
+  }
   auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
   auto data = std::make_shared<data::TensorDataset>(torch::randn({192, 8}, gen),
                                                     torch::randint(0, 3, {192}, gen));
@@ -104,7 +114,8 @@ void train_func(const Config& c) {
   Trainer trainer({.max_epochs = 2,
                    .strategy = DDPStrategy({.broadcast_buffers = false}),
                    .plugins = {ActorEnvironment()},
-                   .callbacks = {Fault(c.get<std::string>("fault", ""), c.get<int64_t>("fault_step", 7)),
+                   .callbacks = {Fault(c.get<std::string>("fault", ""), c.get<int64_t>("fault_step", 7),
+                                       c.get<int64_t>("fault_delay_ms", 0)),
                                  ReportCallback({.every_n_epochs = 0, .every_n_steps = 1, .checkpoint_every = 3})},
                    .logger = false,
                    .enable_progress_bar = false});
@@ -147,6 +158,27 @@ std::vector<std::string> where(const TorchTrainerOptions& o, int attempt, int ra
   for (std::string w; f >> w;)
     words.push_back(w);
   return words;
+}
+
+/// The processes whose parent is this one.
+std::vector<std::string> children() {
+  std::vector<std::string> out;
+  auto me = std::to_string(::getpid());
+  for (auto& entry : fs::directory_iterator("/proc")) {
+    std::ifstream f(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(f, line))
+      continue;
+    auto close = line.rfind(')'); // pid (comm) state ppid ...
+    if (close == std::string::npos)
+      continue;
+    std::istringstream rest(line.substr(close + 1));
+    std::string state, ppid;
+    rest >> state >> ppid;
+    if (ppid == me && state != "Z")
+      out.push_back(entry.path().filename().string());
+  }
+  return out;
 }
 
 /// Every worker process that wrote a file in `o`'s out directory is gone.
@@ -236,6 +268,54 @@ TEST_CASE("A worker process killed by SIGKILL, SIGSEGV or abort mid-run is resta
   CHECK(failed.error->code == Errc::worker_failed);
   CHECK_THAT(failed.error->message, Contains("rank 1: worker process") && Contains("signal 11"));
   CHECK(failure == failed.error->message);
+}
+
+TEST_CASE("With warm spares a SIGKILLed worker process's run restarts on spare processes started while it trained, ends like an undisturbed run and leaves no spare behind", "[worker_process][spares]") {
+  test::TempDir dir;
+  System s;
+  auto clean_options = options(dir, "clean", "thread");
+  auto o = options(dir, "spares", "process", "kill");
+  o.run.failure.warm_spares = true;
+  o.train_loop_config.set("fault_delay_ms", int64_t{2500}); // spares start 1 s into a rank's run
+  auto stamps = dir / "stamps";
+  o.train_loop_config.set("stamps", stamps);
+  if (!is_worker_process())
+    fs::create_directories(stamps);
+  auto clean = run(s.sys, clean_options);
+  auto r = run(s.sys, o);
+  REQUIRE(clean.ok());
+  INFO((r.error ? r.error->message : ""));
+  REQUIRE(r.ok());
+  CHECK(r.attempts == 2);
+  REQUIRE(r.metrics_history.size() == 12);
+  check_same_weights(clean, r);
+  // Attempt 0 started processes; attempt 1 took over the spares (one per rank).
+  for (int attempt : {0, 1})
+    for (int rank : {0, 1}) {
+      std::ifstream f(stamps + "/a" + std::to_string(attempt) + "-r" + std::to_string(rank));
+      std::string pid, spare;
+      f >> pid >> spare;
+      CAPTURE(attempt, rank, pid);
+      CHECK(spare == (attempt == 0 ? "0" : "1"));
+    }
+  check_none_left(o);
+  // The spares kept for attempt 1's ranks went with the run.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!children().empty() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(children().empty());
+  // Spares are for worker processes.
+  auto threads = options(dir, "spare-threads", "thread");
+  threads.run.failure.warm_spares = true;
+  if (!is_worker_process()) {
+    try {
+      TorchTrainer(s.sys, train_func, threads);
+      FAIL("warm spares were accepted for thread workers");
+    } catch (const Error& e) {
+      CHECK(e.code() == Errc::invalid_config);
+      CHECK_THAT(e.what(), Contains("worker_mode = \"process\""));
+    }
+  }
 }
 
 TEST_CASE("Each worker process saves and restores its own random generator: a run whose ranks draw different numbers, killed mid-run, ends like an undisturbed one", "[worker_process]") {
