@@ -10,6 +10,8 @@
 // samples/s(1)). --backend gloo|local picks the process group (default auto = local).
 // With --processes it also runs caftrain with worker processes (gloo; this program started
 // again per rank) and prints their samples/s against thread workers and the anchor.
+// With --in-wait it also runs the local backend with reduction on arrival turned off (all
+// its work inside wait(), CAFTRAIN_LOCAL_REDUCE_ON_ARRIVAL=0) and prints the ratio.
 #include <torch/torch.h>
 
 #include <caf/all.hpp>
@@ -18,6 +20,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <regex>
 #include <string>
@@ -41,6 +44,7 @@ struct Flags {
   int64_t repeats = 3;
   bool scaling = false;
   bool processes = false;
+  bool in_wait = false;   // --in-wait: also the local backend with all its work in wait()
   std::string backend = "auto";
   std::string anchor = "../shared/anchors/torch_ddp_baseline.py";
 };
@@ -153,6 +157,8 @@ Flags parse(int argc, char** argv) {
       f.scaling = true;
     else if (a == "--processes")
       f.processes = true;
+    else if (a == "--in-wait")
+      f.in_wait = true;
     else {
       std::cerr << "unknown flag " << a << "\n";
       std::exit(2);
@@ -168,7 +174,7 @@ int main(int argc, char** argv) {
   caf::actor_system_config cfg;
   caftrain::init(cfg);
   caf::actor_system sys{cfg};
-  std::vector<double> anchor, ours, single, processes;
+  std::vector<double> anchor, ours, single, processes, in_wait;
   for (int64_t r = 0; r < f.repeats; ++r) {
     // Worker processes run this program up to their run: they do not time the anchor.
     anchor.push_back(caftrain::is_worker_process() ? 0 : run_anchor(f));
@@ -177,12 +183,21 @@ int main(int argc, char** argv) {
       single.push_back(run_ours(sys, f, 1));
     if (f.processes)
       processes.push_back(run_ours(sys, f, f.workers, "process"));
+    if (f.in_wait) {
+      // The local backend without reduction on arrival: all the work in wait().
+      ::setenv("CAFTRAIN_LOCAL_REDUCE_ON_ARRIVAL", "0", 1);
+      in_wait.push_back(run_ours(sys, f, f.workers));
+      ::unsetenv("CAFTRAIN_LOCAL_REDUCE_ON_ARRIVAL");
+    }
     if (caftrain::is_worker_process())
       continue; // on its way to its own repeat
     if (f.processes) {
       std::printf("repeat %lld: caftrain worker processes %.1f samples/s\n",
                   static_cast<long long>(r), processes.back());
     }
+    if (f.in_wait)
+      std::printf("repeat %lld: caftrain reducing in wait() only %.1f samples/s\n",
+                  static_cast<long long>(r), in_wait.back());
     std::printf("repeat %lld: anchor %.1f samples/s, caftrain %.1f samples/s%s\n",
                 static_cast<long long>(r), anchor.back(), ours.back(),
                 f.scaling ? (", caftrain 1 worker " + std::to_string(single.back())).c_str() : "");
@@ -203,6 +218,10 @@ int main(int argc, char** argv) {
                 "processes/anchor: %.3f\n",
                 median(processes), median(processes) / median(ours),
                 median(processes) / median(anchor));
+  if (f.in_wait)
+    std::printf("median samples/s: reducing in wait() only %.1f (ratio to anchor %.3f); ratio "
+                "on arrival/in wait: %.3f\n",
+                median(in_wait), median(in_wait) / median(anchor), median(ours) / median(in_wait));
   if (f.scaling)
     std::printf("scaling efficiency (%lld workers vs %lld x 1 worker): %.3f\n",
                 static_cast<long long>(f.workers), static_cast<long long>(f.workers),

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 
@@ -127,7 +128,9 @@ class LocalGroup {
  public:
   LocalGroup(int size, std::chrono::milliseconds timeout)
     : size_(size), timeout_(timeout), next_seq_(static_cast<size_t>(size), 0) {
-    // nop
+    // CAFTRAIN_LOCAL_REDUCE_ON_ARRIVAL=0 leaves all the work to wait() (to measure).
+    auto* env = std::getenv("CAFTRAIN_LOCAL_REDUCE_ON_ARRIVAL");
+    reduce_on_arrival_ = !(env && std::string(env) == "0");
   }
 
   int size() const noexcept {
@@ -185,6 +188,11 @@ class LocalGroup {
         op->complete = true;
       ops_.erase(seq); // everyone has it; the Works keep it alive
       cv_.notify_all();
+      // Reduce on arrival: the rank whose tensors complete the collective does its work
+      // now (in DDP, inside its backward, while the buckets it just wrote are in cache and
+      // the other ranks go on computing), sharing chunks with any rank already waiting.
+      if (reduce_on_arrival_)
+        work_on(*op, guard);
     }
     return op;
   }
@@ -198,26 +206,7 @@ class LocalGroup {
     if (!cv_.wait_until(guard, deadline, ready))
       throw timed_out(op, rank, timeout, "not every rank has issued it");
     check(op, rank);
-    // Claim chunks until none are left.
-    while (!op.complete) {
-      auto c = op.next_chunk.fetch_add(1);
-      if (c >= op.chunks)
-        break;
-      guard.unlock();
-      std::exception_ptr failure;
-      try {
-        run_chunk(op, size_, c);
-      } catch (...) {
-        failure = std::current_exception();
-      }
-      guard.lock();
-      if (failure && !op.error)
-        op.error = failure;
-      if (++op.done_chunks == op.chunks) {
-        op.complete = true;
-        cv_.notify_all();
-      }
-    }
+    work_on(op, guard);
     if (!cv_.wait_until(guard, deadline, [&] { return closed_ || op.complete; }))
       throw timed_out(op, rank, timeout, "its work did not finish");
     check(op, rank);
@@ -251,6 +240,30 @@ class LocalGroup {
   }
 
  private:
+  /// Claims chunks of `op` and runs them (without the lock) until none are left; a
+  /// chunk's failure becomes the collective's.
+  void work_on(Op& op, std::unique_lock<std::mutex>& guard) {
+    while (!op.complete) {
+      auto c = op.next_chunk.fetch_add(1);
+      if (c >= op.chunks)
+        break;
+      guard.unlock();
+      std::exception_ptr failure;
+      try {
+        run_chunk(op, size_, c);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      guard.lock();
+      if (failure && !op.error)
+        op.error = failure;
+      if (++op.done_chunks == op.chunks) {
+        op.complete = true;
+        cv_.notify_all();
+      }
+    }
+  }
+
   void check(Op& op, int rank) {
     if (op.error)
       std::rethrow_exception(op.error);
@@ -282,6 +295,7 @@ class LocalGroup {
   std::map<uint64_t, std::shared_ptr<Op>> ops_;
   std::vector<uint64_t> next_seq_;
   bool closed_ = false;
+  bool reduce_on_arrival_ = true;
 };
 
 // -- work -----------------------------------------------------------------------------------

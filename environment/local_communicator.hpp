@@ -15,10 +15,12 @@ class LocalGroup;
 
 /// A `Communicator` for ranks that are threads of the same process (local placement):
 /// collectives read and write the peers' tensors directly instead of copying them
-/// through TCP. A collective returns at once after posting its tensors; the reduction runs
-/// when ranks wait on it: every waiting rank claims chunks of the work until none is left
-/// (so a rank that posted but has not waited yet never delays the others), then waits for
-/// the rest. CPU tensors of any floating or integer dtype; the k-th collective of every rank
+/// through TCP. A collective returns once its tensors are posted. The rank whose post
+/// completes it (the last to arrive) does its work at once, reducing on arrival: in DDP
+/// that is inside its backward, while the bucket is in cache and the other ranks go on
+/// computing. Every rank that waits claims chunks of what is left until none is, then
+/// waits for the rest; a rank that posted but has not waited yet never delays the others
+/// (`CAFTRAIN_LOCAL_REDUCE_ON_ARRIVAL=0` leaves all the work to the waits). CPU tensors of any floating or integer dtype; the k-th collective of every rank
 /// must be the same operation on tensors of the same numel and dtype (checked:
 /// `Error(rank_mismatch)`). Closing any rank's communicator fails every pending and future
 /// collective of the group at once.

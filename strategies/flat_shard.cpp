@@ -1,5 +1,7 @@
 #include "strategies/flat_shard.hpp"
 
+#include <limits>
+
 #include <torch/torch.h>
 
 #include "checkpoint/optimizer_archive.hpp"
@@ -66,7 +68,7 @@ void FlatShard::shard_from_full() {
 }
 
 void FlatShard::free_full() {
-  if (!gathered_)
+  if (!gathered_ && !poisoned_)
     return;
   if (alias_shard_)
     throw Error(Errc::bad_state, "FlatShard '" + id_ + "': the full buffer holds the shard and "
@@ -75,15 +77,31 @@ void FlatShard::free_full() {
   storage->set_data_ptr_noswap(at::DataPtr(nullptr, full_.device()));
   storage->set_nbytes(0);
   gathered_ = false;
+  poisoned_ = false;
 }
 
-void FlatShard::allocate_full() {
-  if (gathered_)
+void FlatShard::poison() {
+  if (gathered_ || poisoned_)
     return;
   auto* storage = full_.storage().unsafeGetStorageImpl();
   auto bytes = static_cast<size_t>(full_bytes());
   storage->set_data_ptr_noswap(storage->allocator()->allocate(bytes));
   storage->set_nbytes(bytes);
+  torch::NoGradGuard no_grad;
+  full_.detach().fill_(std::numeric_limits<double>::quiet_NaN());
+  poisoned_ = true;
+}
+
+void FlatShard::allocate_full() {
+  if (gathered_)
+    return;
+  if (!poisoned_) {
+    auto* storage = full_.storage().unsafeGetStorageImpl();
+    auto bytes = static_cast<size_t>(full_bytes());
+    storage->set_data_ptr_noswap(storage->allocator()->allocate(bytes));
+    storage->set_nbytes(bytes);
+  }
+  poisoned_ = false;
   gathered_ = true;
 }
 

@@ -87,6 +87,11 @@ class FlatShard {
     return gathered_;
   }
 
+  /// True while the freed full buffer holds NaN (see `poison`).
+  bool poisoned() const noexcept {
+    return poisoned_;
+  }
+
   /// Bytes of the full buffer and of the shard.
   int64_t full_bytes() const noexcept;
   /// Bytes of the shard; 0 when it aliases the full buffer (it holds nothing of its own).
@@ -103,6 +108,11 @@ class FlatShard {
 
   /// Frees the full buffer's storage (the parameter views stay, without data).
   void free_full();
+
+  /// Gives a freed full buffer memory filled with NaN, still not gathered: a read of a
+  /// parameter that is not there sees NaN instead of crashing on a buffer without data.
+  /// The next gather reuses the memory; `free_full` releases it.
+  void poison();
 
   /// Allocates the full buffer's storage again and starts gathering every rank's shard
   /// into it; the returned work (null when done at once: one rank) must complete before
@@ -124,6 +134,7 @@ class FlatShard {
   at::Tensor full_;
   at::Tensor shard_;
   bool gathered_ = true;
+  bool poisoned_ = false;
   bool alias_shard_ = false;
 };
 

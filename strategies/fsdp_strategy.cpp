@@ -38,6 +38,17 @@ void stop_observing(FSDPStrategy* fsdp) {
   observed.erase(std::remove(observed.begin(), observed.end(), fsdp), observed.end());
 }
 
+/// Counts a step (or backward, or an optimizer step) the strategy is inside.
+struct InStep {
+  explicit InStep(int& count) : count(count) {
+    ++count;
+  }
+  ~InStep() {
+    --count;
+  }
+  int& count;
+};
+
 struct Internal {
   Internal() : previous(internal) {
     internal = true;
@@ -218,9 +229,28 @@ void FSDPStrategy::setup_optimizers(std::vector<std::shared_ptr<torch::optim::Op
 void FSDPStrategy::teardown() {
   {
     Internal guard;
-    for (size_t f = 0; f < flats_.size(); ++f)
-      ensure_gathered(f); // the module is an ordinary one again
+    if (failed_) {
+      // Gathering needs every rank, and they may be gone: what is not here reads as NaN.
+      for (auto& [f, work] : prefetching_)
+        try {
+          if (work)
+            work->wait();
+        } catch (...) {
+          // The fit's own failure is the one to report.
+        }
+      prefetching_.clear();
+      for (auto& flat : flats_)
+        flat->poison();
+    } else {
+      check_reads_outside();
+      for (size_t f = 0; f < flats_.size(); ++f)
+        ensure_gathered(f); // the module is an ordinary one again
+    }
   }
+  failed_ = false;
+  in_step_ = 0;
+  summoned_ = 0;
+  read_outside_.clear();
   if (observing_) {
     at::removeCallback(observer_);
     stop_observing(this);
@@ -262,8 +292,12 @@ void FSDPStrategy::ensure_gathered(size_t f) {
 
 void FSDPStrategy::free_flat(size_t f) {
   auto& flat = *flats_[f];
-  if (!flat.gathered() || options_.sharding_strategy == ShardingStrategy::NO_SHARD)
+  if (options_.sharding_strategy == ShardingStrategy::NO_SHARD)
     return;
+  if (!flat.gathered()) {
+    flat.free_full(); // NaN that a read outside a step saw, if any
+    return;
+  }
   flat.free_full();
   transient_ -= flat.full_bytes();
   lru_.remove(f);
@@ -281,6 +315,20 @@ void FSDPStrategy::free_all() {
 
 void FSDPStrategy::on_access(const std::vector<size_t>& touched) {
   Internal guard;
+  if (in_step_ == 0 && summoned_ == 0) {
+    // Outside every rank's step a gather would be this rank's alone: the read sees NaN,
+    // and the next step fails naming summon_full_params.
+    for (auto f : touched) {
+      bool in_flight = prefetching_.count(f) > 0;
+      if (flats_[f]->gathered() && !in_flight)
+        continue; // here already: the read works
+      if (!in_flight)
+        flats_[f]->poison();
+      if (std::find(read_outside_.begin(), read_outside_.end(), f) == read_outside_.end())
+        read_outside_.push_back(f);
+    }
+    return;
+  }
   bool new_gather = false;
   for (auto f : touched) {
     if (!flats_[f]->gathered() || prefetching_.count(f)) {
@@ -291,7 +339,7 @@ void FSDPStrategy::on_access(const std::vector<size_t>& touched) {
     }
     ensure_gathered(f);
   }
-  if (options_.sharding_strategy == ShardingStrategy::FULL_SHARD) {
+  if (options_.sharding_strategy == ShardingStrategy::FULL_SHARD && summoned_ == 0) {
     // Free the least recently used units beyond the capacity (never one this op reads).
     while (lru_.size() > capacity()) {
       auto victim = std::find_if(lru_.rbegin(), lru_.rend(), [&](size_t f) {
@@ -350,13 +398,92 @@ void FSDPStrategy::rethrow_failure() {
 
 void FSDPStrategy::backward(const at::Tensor& loss) {
   rethrow_failure(); // a gather of the forward failed: its outputs are not to be trusted
+  check_reads_outside();
+  InStep step(in_step_);
   ShardedStrategy::backward(loss);
   rethrow_failure();
 }
 
 void FSDPStrategy::optimizer_step(torch::optim::Optimizer& optimizer) {
   rethrow_failure();
+  check_reads_outside();
+  InStep step(in_step_);
   ShardedStrategy::optimizer_step(optimizer);
+}
+
+void FSDPStrategy::begin_module_step() {
+  rethrow_failure();
+  check_reads_outside();
+  ++in_step_;
+}
+
+void FSDPStrategy::end_module_step() {
+  --in_step_;
+}
+
+void FSDPStrategy::on_exception(const std::exception&) {
+  failed_ = true;
+}
+
+void FSDPStrategy::check_reads_outside() {
+  if (read_outside_.empty())
+    return;
+  auto flats = std::exchange(read_outside_, {});
+  std::string names;
+  size_t count = 0;
+  for (auto f : flats)
+    for (auto& entry : flats_[f]->entries())
+      if (count++ < 3)
+        names += (names.empty() ? "'" : ", '") + entry.name + "'";
+  if (count > 3)
+    names += " and " + std::to_string(count - 3) + " more";
+  throw Error(Errc::bad_state,
+              "FSDP " + std::string(to_string(options_.sharding_strategy)) + ": rank " +
+                std::to_string(global_rank()) + " read " + names +
+                " outside a step (training_step, validation_step, test_step, backward, the "
+                "optimizer step), where only this rank's shard of them is here; the read saw "
+                "NaN, because gathering them there would take every rank. Read parameters "
+                "outside a step inside `auto full = trainer.strategy().summon_full_params();`, "
+                "called on every rank at the same point (writes inside it are kept), or inside "
+                "the module's step");
+}
+
+ParameterScope FSDPStrategy::summon_full_params(bool writeback) {
+  if (flats_.empty())
+    return {}; // not set up for training, or torn down: the parameters are whole
+  rethrow_failure();
+  check_reads_outside();
+  {
+    Internal guard;
+    // Free first: every rank then issues the same gathers in the same order, whatever it
+    // had gathered before. An open scope has everything gathered already.
+    if (summoned_ == 0)
+      free_all();
+    for (size_t f = 0; f < flats_.size(); ++f)
+      ensure_gathered(f);
+  }
+  ++summoned_;
+  return ParameterScope([this, writeback] { end_summon(writeback); });
+}
+
+void FSDPStrategy::end_summon(bool writeback) noexcept {
+  --summoned_;
+  try {
+    Internal guard;
+    bool no_shard = options_.sharding_strategy == ShardingStrategy::NO_SHARD;
+    for (auto& flat : flats_) {
+      if (!flat->gathered())
+        continue;
+      if (writeback)
+        flat->shard_from_full(); // this rank keeps the part of the change in its shard
+      else if (no_shard)
+        flat->gather(nullptr); // the parameters stay whole: back to the shard's values
+    }
+    if (summoned_ == 0 && !no_shard)
+      free_all(); // gathered again from the shards at the next use
+  } catch (...) {
+    record_failure(std::current_exception());
+  }
 }
 
 void FSDPStrategy::after_load() {

@@ -57,9 +57,17 @@ struct FSDPOptions {
 /// one; backward gathers again what it reads. Each unit's gradients are reduce-scattered
 /// (averaged) into the shards as soon as backward has produced them.
 ///
+/// The observer gathers only inside a step (the module's training/validation/test step,
+/// backward, the optimizer step), which every rank runs at the same point. Outside one,
+/// a read of a unit that is not gathered (a callback logging a weight norm on rank 0)
+/// would be a gather of that rank alone and desynchronise the ranks: it sees NaN instead,
+/// and the rank's next step fails with an error that names the parameter and
+/// `summon_full_params`, the collective scope that gathers everything for such code.
+///
 /// The observer lives on the thread that trained (set up by `setup_optimizers`, removed by
 /// `teardown`); after teardown every unit is gathered again so that the module can be used
-/// as an ordinary one.
+/// as an ordinary one (after a failed fit it is not: a gather needs every rank, and the
+/// parameters that were not here read as NaN).
 class FSDPStrategy : public ShardedStrategy {
  public:
   explicit FSDPStrategy(FSDPOptions options = {});
@@ -72,6 +80,10 @@ class FSDPStrategy : public ShardedStrategy {
              c10::Device device) override;
   void setup_optimizers(std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers) override;
   void teardown() override;
+  void on_exception(const std::exception& failure) override;
+  void begin_module_step() override;
+  void end_module_step() override;
+  ParameterScope summon_full_params(bool writeback = true) override;
   StateDict model_state_dict() override;
   void load_model_state_dict(const StateDict& state, bool strict = true) override;
   void backward(const at::Tensor& loss) override;
@@ -119,6 +131,9 @@ class FSDPStrategy : public ShardedStrategy {
   void free_flat(size_t flat);
   void free_all();
   size_t capacity() const;
+  void end_summon(bool writeback) noexcept;
+  /// Throws the error for parameters read outside a step, if any was.
+  void check_reads_outside();
 
   FSDPOptions options_;
   std::vector<std::string> unit_names_;
@@ -133,6 +148,10 @@ class FSDPStrategy : public ShardedStrategy {
   bool observing_ = false;
   std::exception_ptr failure_;
   void rethrow_failure();
+  int in_step_ = 0;                      // steps (and backward, optimizer step) entered
+  int summoned_ = 0;                     // summon_full_params scopes open
+  bool failed_ = false;                  // fit failed on this rank: no collective in teardown
+  std::vector<size_t> read_outside_;     // flats read outside a step while not gathered
 };
 
 } // namespace caftrain

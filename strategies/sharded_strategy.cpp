@@ -533,6 +533,16 @@ void ShardedStrategy::load_model_state_dict(const StateDict& state, bool strict)
     flat->shard_from_full();
 }
 
+ParameterScope ShardedStrategy::summon_full_params(bool writeback) {
+  if (!writeback || flats_.empty())
+    return Strategy::summon_full_params(writeback);
+  return ParameterScope([this] {
+    for (auto& flat : flats_)
+      if (flat->gathered())
+        flat->shard_from_full(); // the optimizer steps the shard: it takes the change
+  });
+}
+
 std::map<std::string, std::vector<char>> ShardedStrategy::shard_files() {
   std::map<std::string, std::vector<char>> files;
   int rank = communicator_ ? communicator_->rank() : 0;

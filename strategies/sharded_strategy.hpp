@@ -48,6 +48,9 @@ class ShardedStrategy : public Strategy {
   std::vector<at::Tensor> gradients() override;
   StateDict model_state_dict() override;
   void load_model_state_dict(const StateDict& state, bool strict = true) override;
+  /// ZeRO's parameters are whole on every rank: with `writeback` each rank's shard takes
+  /// what the scope wrote into its part.
+  ParameterScope summon_full_params(bool writeback = true) override;
   bool sharded_checkpoints() const override {
     return true;
   }

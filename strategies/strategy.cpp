@@ -1,7 +1,9 @@
 #include "strategies/strategy.hpp"
 
 #include <cstring>
+#include <utility>
 
+#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include "checkpoint/optimizer_archive.hpp"
@@ -11,7 +13,48 @@
 
 namespace caftrain {
 
+ParameterScope::ParameterScope(std::function<void()> release) noexcept : release_(std::move(release)) {}
+
+ParameterScope::ParameterScope(ParameterScope&& other) noexcept
+  : release_(std::exchange(other.release_, nullptr)) {}
+
+ParameterScope& ParameterScope::operator=(ParameterScope&& other) noexcept {
+  if (this != &other) {
+    release();
+    release_ = std::exchange(other.release_, nullptr);
+  }
+  return *this;
+}
+
+ParameterScope::~ParameterScope() {
+  release();
+}
+
+void ParameterScope::release() noexcept {
+  if (auto fn = std::exchange(release_, nullptr)) {
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      spdlog::error("caftrain: ending a summon_full_params scope failed: {}", e.what());
+    }
+  }
+}
+
 Strategy::~Strategy() = default;
+
+ParameterScope Strategy::summon_full_params(bool writeback) {
+  if (writeback || !module_)
+    return {}; // the parameters are whole here: what the scope writes stays
+  // Without writeback what the scope writes is discarded: a copy to put back.
+  std::vector<std::pair<at::Tensor, at::Tensor>> saved;
+  for (auto& p : module_->parameters())
+    saved.emplace_back(p, p.detach().clone());
+  return ParameterScope([saved = std::move(saved)] {
+    torch::NoGradGuard no_grad;
+    for (auto& [p, copy] : saved)
+      p.detach().copy_(copy);
+  });
+}
 
 void Strategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnvironment> environment,
                      c10::Device device) {

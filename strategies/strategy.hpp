@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -42,6 +43,25 @@ struct MemoryStats {
   }
 };
 
+/// Keeps a strategy's parameters whole on this rank until it is destroyed or released
+/// (see `Strategy::summon_full_params`). Movable, not copyable.
+class [[nodiscard]] ParameterScope {
+ public:
+  ParameterScope() = default;
+  explicit ParameterScope(std::function<void()> release) noexcept;
+  ParameterScope(ParameterScope&& other) noexcept;
+  ParameterScope& operator=(ParameterScope&& other) noexcept;
+  ParameterScope(const ParameterScope&) = delete;
+  ParameterScope& operator=(const ParameterScope&) = delete;
+  ~ParameterScope();
+
+  /// Ends the scope now; later calls do nothing.
+  void release() noexcept;
+
+ private:
+  std::function<void()> release_;
+};
+
 /// Lightning's `Strategy`: sets the model up on its device and communicator, runs
 /// backward and the optimizer step, and decides what gradient synchronisation, sharding
 /// and checkpoint layout mean. The base class is the single-device behaviour; the
@@ -77,10 +97,22 @@ class Strategy {
   /// Releases hooks and buffers; the module keeps its (full) parameters.
   virtual void teardown();
 
+  /// Called when fit fails on this rank, before `teardown`: the strategy gives up
+  /// whatever would need the other ranks, which may have failed too or be stuck in
+  /// another collective (FSDP does not gather its units back).
+  virtual void on_exception(const std::exception& failure) {}
+
   // -- one optimisation step ----------------------------------------------------------
 
   /// Called before each training step's forward (DDP broadcasts buffers here).
   virtual void before_training_step() {}
+
+  /// The module's own steps (training_step, validation_step, test_step) run between
+  /// these, on every rank at the same point. FSDP gathers the units a step reads only
+  /// inside them (and inside backward and the optimizer step): anywhere else a gather
+  /// would be one rank's alone.
+  virtual void begin_module_step() {}
+  virtual void end_module_step() {}
 
   /// Runs backward of `loss` (distributed strategies start gradient reduction from here).
   virtual void backward(const at::Tensor& loss);
@@ -159,6 +191,19 @@ class Strategy {
   /// The gradient tensors the optimizers step with (after finish_gradient_sync): the
   /// parameters' gradients, or the shards' for sharded strategies.
   virtual std::vector<at::Tensor> gradients();
+
+  // -- parameters outside a step -------------------------------------------------------
+
+  /// Gathers the module's full parameters on this rank until the returned scope ends
+  /// (PyTorch FSDP's `summon_full_params`), so that code outside a step (a callback that
+  /// logs a weight norm, a hook that edits a weight) can read them, and with `writeback`
+  /// change them: each rank keeps the part of the change that falls in its shard.
+  /// Collective: every rank calls it at the same point. Strategies that keep whole
+  /// parameters return an empty scope.
+  ///
+  ///     auto full = trainer.strategy().summon_full_params();
+  ///     norm = module.fc1->weight.norm().item<double>();
+  virtual ParameterScope summon_full_params(bool writeback = true);
 
   // -- memory -----------------------------------------------------------------------
 

@@ -139,6 +139,20 @@ void check_none_left(const TorchTrainerOptions& o) {
   }
 }
 
+/// Waits for the rank that WaitForNodeKill holds to write its node's pid, SIGKILLs that
+/// node and returns its pid.
+std::string kill_stuck_node(const TorchTrainerOptions& o) {
+  auto marker = o.train_loop_config.get<std::string>("out") + "/stuck";
+  auto deadline = Clock::now() + std::chrono::seconds(120);
+  while (!fs::exists(marker) && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(fs::exists(marker));
+  std::string node_pid;
+  std::ifstream(marker) >> node_pid;
+  REQUIRE(::kill(std::stoi(node_pid), SIGKILL) == 0);
+  return node_pid;
+}
+
 } // namespace
 
 TEST_CASE("A head and two nodes run a 2-worker DDP run across both nodes and end with the weights of thread workers", "[cluster]") {
@@ -231,15 +245,8 @@ TEST_CASE("A node SIGKILLed mid-run is detected at once and the run ends on the 
   }
   TorchTrainer trainer(s.sys, train_func, faulty);
   trainer.start(); // a worker process runs its rank here and ends
-  auto marker = faulty.train_loop_config.get<std::string>("out") + "/stuck";
-  auto deadline = Clock::now() + std::chrono::seconds(120);
-  while (!fs::exists(marker) && Clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  REQUIRE(fs::exists(marker));
-  std::string node_pid;
-  std::ifstream(marker) >> node_pid;
+  auto node_pid = kill_stuck_node(faulty);
   auto killed_at = Clock::now();
-  REQUIRE(::kill(std::stoi(node_pid), SIGKILL) == 0);
   auto result = trainer.fit();
   INFO((result.error ? result.error->message : ""));
   REQUIRE(undisturbed.ok());
@@ -309,14 +316,7 @@ TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as 
   }
   TorchTrainer trainer(s.sys, train_func, faulty);
   trainer.start(); // a worker process runs its rank here and ends
-  auto marker = faulty.train_loop_config.get<std::string>("out") + "/stuck";
-  auto deadline = Clock::now() + std::chrono::seconds(120);
-  while (!fs::exists(marker) && Clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  REQUIRE(fs::exists(marker));
-  std::string node_pid;
-  std::ifstream(marker) >> node_pid;
-  REQUIRE(::kill(std::stoi(node_pid), SIGKILL) == 0);
+  kill_stuck_node(faulty);
   auto result = trainer.fit();
   INFO((result.error ? result.error->message : ""));
   REQUIRE(undisturbed.ok());
@@ -355,7 +355,7 @@ TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as 
       n += e.path().filename().string().rfind("upload-", 0) == 0;
     return n;
   };
-  deadline = Clock::now() + std::chrono::seconds(5);
+  auto deadline = Clock::now() + std::chrono::seconds(5);
   while (uploads_left() > 0 && Clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   CHECK(uploads_left() == 0);

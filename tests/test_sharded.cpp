@@ -5,6 +5,8 @@
 #include <caf/all.hpp>
 
 #include <atomic>
+#include <chrono>
+#include <cmath>
 #include <functional>
 #include <mutex>
 #include <sstream>
@@ -1041,5 +1043,129 @@ TEST_CASE("FSDP and ZeRO-2 under gradient accumulation reduce nothing until the 
     }
     auto reference = train_on(2, ddp, "adam", kBatch, kSteps, kAccumulate);
     CHECK(test::max_param_diff(*rank0, *reference) < 2e-5);
+  }
+}
+
+namespace {
+
+/// Reads parameters after training batches (on_train_batch_end: outside every step).
+class ReadParameters : public Callback {
+ public:
+  ReadParameters(int rank, bool summon) : rank(rank), summon(summon) {}
+
+  void on_train_batch_end(Trainer& trainer, LightningModule& module, const at::Tensor&,
+                          const Batch&, int64_t batch_idx) override {
+    auto& net = dynamic_cast<Net&>(module);
+    if (!summon) {
+      if (rank == 0 && batch_idx == 1) // one rank, as a logger on rank 0 would
+        read_outside = net.fc1->weight.norm().item<double>();
+      return;
+    }
+    {
+      auto full = trainer.strategy().summon_full_params();
+      std::vector<at::Tensor> all;
+      for (auto& p : net.parameters())
+        all.push_back(p.detach().flatten().clone());
+      seen.push_back(torch::cat(all));
+    }
+    if (batch_idx != 1)
+      return;
+    torch::NoGradGuard no_grad;
+    {
+      auto full = trainer.strategy().summon_full_params(); // writeback
+      net.fc3->bias.zero_();
+    }
+    {
+      auto full = trainer.strategy().summon_full_params(/*writeback=*/false);
+      net.fc3->bias.fill_(5.0); // discarded
+    }
+    auto full = trainer.strategy().summon_full_params();
+    bias_after_edits = net.fc3->bias.abs().sum().item<double>();
+  }
+
+  int rank;
+  bool summon;
+  double read_outside = 0;
+  std::vector<at::Tensor> seen;
+  double bias_after_edits = -1;
+};
+
+} // namespace
+
+TEST_CASE("FSDP: a parameter read on one rank outside a step is a clear error naming summon_full_params, not a desync or a crash", "[sharded][summon]") {
+  for (auto sharding : {ShardingStrategy::FULL_SHARD, ShardingStrategy::SHARD_GRAD_OP}) {
+    CAPTURE(to_string(sharding));
+    auto data = classification_data(2 * 4 * 4);
+    std::vector<std::string> errors(2);
+    std::vector<double> read(2, 0.0);
+    std::mutex mtx;
+    auto start = std::chrono::steady_clock::now();
+    run_gloo_ranks(2, [&](int rank, std::shared_ptr<Communicator> comm) {
+      auto model = with_seed(static_cast<uint64_t>(rank), [] { return std::make_shared<Net>(); });
+      auto o = options_for(4);
+      o.strategy = FSDPStrategy({.sharding_strategy = sharding});
+      o.plugins = {StaticEnvironment(comm)};
+      auto reader = std::make_shared<ReadParameters>(rank, /*summon=*/false);
+      o.callbacks = {reader};
+      Trainer trainer(o);
+      try {
+        trainer.fit(model, data::DataLoader(data, {.batch_size = 4}));
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> guard(mtx);
+        errors[static_cast<size_t>(rank)] = e.what();
+        // As in a run: a failed rank's communicator closes, which ends its peers'
+        // collectives at once.
+        comm->close();
+      }
+      read[static_cast<size_t>(rank)] = reader->read_outside;
+    });
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    CAPTURE(errors[0], errors[1]);
+    CHECK(std::isnan(read[0])); // the shard of the other rank is not here: NaN, not a crash
+    CHECK_THAT(errors[0], Contains("summon_full_params") && Contains("'fc1.weight'") &&
+                            Contains("outside a step") && Contains("rank 0"));
+    CHECK_FALSE(errors[1].empty()); // its next collective ended with the group's
+    CHECK(seconds < 15); // not the collective timeout (20 s)
+  }
+}
+
+TEST_CASE("summon_full_params gives the whole parameters on every rank outside a step, under FSDP and ZeRO as under DDP, and keeps or discards what it writes", "[sharded][summon]") {
+  constexpr int64_t kSteps = 4, kBatch = 4;
+  auto data = classification_data(2 * kBatch * kSteps);
+  auto train = [&](const StrategyMaker& make) {
+    std::vector<std::shared_ptr<ReadParameters>> readers(2);
+    std::shared_ptr<Net> rank0;
+    run_gloo_ranks(2, [&](int rank, std::shared_ptr<Communicator> comm) {
+      auto model = with_seed(static_cast<uint64_t>(rank), [] { return std::make_shared<Net>("adam"); });
+      auto o = options_for(kSteps);
+      o.strategy = make();
+      o.plugins = {StaticEnvironment(comm)};
+      readers[static_cast<size_t>(rank)] = std::make_shared<ReadParameters>(rank, /*summon=*/true);
+      o.callbacks = {readers[static_cast<size_t>(rank)]};
+      Trainer trainer(o);
+      trainer.fit(model, data::DataLoader(data, {.batch_size = kBatch}));
+      if (rank == 0)
+        rank0 = model;
+    });
+    return std::make_pair(readers, rank0);
+  };
+  auto [reference, reference_model] = train(ddp); // whole parameters: summon only keeps a copy
+  REQUIRE(reference[0]->seen.size() == static_cast<size_t>(kSteps));
+  CHECK(reference[0]->bias_after_edits == 0.0);
+  for (auto& v : sharded_variants()) {
+    CAPTURE(v.name);
+    auto [readers, model] = train(v.make);
+    for (size_t r = 0; r < 2; ++r) {
+      CAPTURE(r);
+      REQUIRE(readers[r]->seen.size() == static_cast<size_t>(kSteps));
+      for (size_t b = 0; b < readers[r]->seen.size(); ++b) {
+        CAPTURE(b);
+        // The whole parameters, the same on both ranks and as DDP's at that batch.
+        CHECK(readers[r]->seen[b].numel() == 163);
+        CHECK((readers[r]->seen[b] - reference[0]->seen[b]).abs().max().item<double>() < 2e-5);
+      }
+      CHECK(readers[r]->bias_after_edits == 0.0); // kept with writeback, discarded without
+    }
+    CHECK(test::max_param_diff(*model, *reference_model) < 2e-5);
   }
 }

@@ -199,6 +199,23 @@ void merge(Metrics& into, const Metrics& from) {
     into[k] = v;
 }
 
+/// The module's own step runs inside: every rank is at the same point (FSDP gathers the
+/// units the step reads only there).
+class ModuleStep {
+ public:
+  explicit ModuleStep(Strategy& strategy) : strategy_(strategy) {
+    strategy_.begin_module_step();
+  }
+  ~ModuleStep() {
+    strategy_.end_module_step();
+  }
+  ModuleStep(const ModuleStep&) = delete;
+  ModuleStep& operator=(const ModuleStep&) = delete;
+
+ private:
+  Strategy& strategy_;
+};
+
 /// Runs one evaluation loop (validation, sanity check or test) over `loader`.
 Metrics run_evaluation(Impl& s, const data::DataLoader& loader, LogScope scope, int64_t limit) {
   auto& module = *s.module;
@@ -219,6 +236,7 @@ Metrics run_evaluation(Impl& s, const data::DataLoader& loader, LogScope scope, 
     auto batch = to_device(loader.batch(static_cast<size_t>(i)), s.device);
     s.collector.begin_batch(scope, batch_size_of(batch));
     {
+      ModuleStep step(*s.strategy);
       Precision::Autocast autocast(*s.precision);
       if (test)
         module.test_step(batch, i);
@@ -404,6 +422,7 @@ void run_train_epoch(Impl& s) {
     strategy.before_training_step();
     at::Tensor loss;
     {
+      ModuleStep step(strategy);
       Precision::Autocast autocast(*s.precision);
       loss = module.training_step(batch, i);
     }
@@ -558,6 +577,7 @@ void Trainer::fit(std::shared_ptr<LightningModule> model, data::DataLoader train
     s.strategy->teardown();
   } catch (const std::exception& e) {
     s.training = false;
+    s.strategy->on_exception(e);
     for (auto& cb : s.callbacks) {
       try {
         cb->on_exception(*this, module, e);
@@ -566,7 +586,12 @@ void Trainer::fit(std::shared_ptr<LightningModule> model, data::DataLoader train
       }
     }
     finalize_loggers(s, "failed");
-    s.strategy->teardown();
+    try {
+      s.strategy->teardown();
+    } catch (const std::exception& teardown_failure) {
+      spdlog::warn("caftrain: the strategy's teardown after a failed fit failed too: {}",
+                   teardown_failure.what());
+    }
     throw;
   }
 }
