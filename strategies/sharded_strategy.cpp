@@ -302,6 +302,13 @@ void ShardedStrategy::launch_ready() {
   while (next_launch_ < flats_.size() && pending_[next_launch_] == 0) {
     auto f = next_launch_++;
     auto& flat = *flats_[f];
+    // Transient full gradients: at most kInFlight flats' buffers in flight, this one
+    // included, so that the gradients of a whole model never exist at once (ZeRO-2's
+    // point). Folding before this flat's output is allocated keeps FSDP's peak (these,
+    // the next flat's buffer filling up, and the gathered units) under its at-rest saving.
+    if (!persistent_gradients())
+      while (next_fold_ + kInFlight <= f)
+        fold(next_fold_++);
     if (!communicator_ || communicator_->size() == 1) {
       works_[f] = nullptr; // one rank: the buffer is already the average
     } else if (replicate()) {
@@ -313,11 +320,6 @@ void ShardedStrategy::launch_ready() {
       add_transient(flat.shard_size_bytes());
       works_[f] = communicator_->reduce_scatter(grad_buffers_[f], grad_outputs_[f], ReduceOp::avg);
     }
-    // Transient full gradients: keep at most kInFlight flats' buffers alive, so that
-    // the gradients of a whole model never exist at once (ZeRO-2's point).
-    if (!persistent_gradients())
-      while (next_fold_ + kInFlight < next_launch_)
-        fold(next_fold_++);
   }
 }
 
