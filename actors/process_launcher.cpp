@@ -45,7 +45,6 @@ void SparePool::start(const std::string& slot, const LaunchSpec& spec) {
     spdlog::warn("caftrain: cannot start a spare worker process for {}: {}", slot, e.what());
     return;
   }
-  ++started_;
   auto gone = std::make_shared<std::atomic<bool>>(false);
   auto reaper = std::make_shared<std::thread>([pool = weak_from_this(), key, pid, gone] {
     auto status = wait_process(pid);
@@ -118,15 +117,9 @@ void SparePool::close() {
   }
 }
 
-int64_t SparePool::started() const {
-  std::lock_guard<std::mutex> guard(mtx_);
-  return started_;
-}
-
 // -- the hub -----------------------------------------------------------------------------
 
 caf::behavior hub_actor(caf::stateful_actor<HubState>* self, std::shared_ptr<SparePool> spares) {
-  self->state.spares = spares;
   if (spares)
     self->attach_functor([spares] { spares->close(); }); // the run's end: no spare stays
   return {
@@ -141,7 +134,7 @@ caf::behavior hub_actor(caf::stateful_actor<HubState>* self, std::shared_ptr<Spa
       caf::actor owner;
       if (i != st.launchers.end())
         rp.delegate(i->second, hello, key);
-      else if (st.spares && st.spares->find(key, owner)) {
+      else if (spares && spares->find(key, owner)) {
         if (owner)
           rp.delegate(owner, hello, key);
         else
@@ -157,7 +150,7 @@ caf::behavior hub_actor(caf::stateful_actor<HubState>* self, std::shared_ptr<Spa
       auto& st = self->state;
       auto i = st.parked.find(key);
       caf::actor owner;
-      if (i == st.parked.end() || !st.spares || !st.spares->find(key, owner) || !owner)
+      if (i == st.parked.end() || !spares || !spares->find(key, owner) || !owner)
         return;
       i->second.delegate(owner, hello_atom::value, key);
       st.parked.erase(i);

@@ -128,9 +128,6 @@ class SparePool : public std::enable_shared_from_this<SparePool> {
   /// Kills the unclaimed spares and waits for them; later `start`s start nothing.
   void close();
 
-  /// Spares started so far (for tests and benchmarks).
-  int64_t started() const;
-
  private:
   struct Spare {
     std::string slot;
@@ -142,7 +139,6 @@ class SparePool : public std::enable_shared_from_this<SparePool> {
 
   mutable std::mutex mtx_;
   std::map<std::string, Spare> spares_; // by key
-  int64_t started_ = 0;
   bool closed_ = false;
   /// Reaper threads of spares that ended unclaimed, joined by `close`.
   std::vector<std::shared_ptr<std::thread>> ended_;
@@ -153,8 +149,6 @@ class SparePool : public std::enable_shared_from_this<SparePool> {
 struct HubState {
   static inline const char* name = "caftrain.hub";
   std::map<std::string, caf::actor> launchers;
-  /// The run's warm spares (none on a node, or without FailureConfig::warm_spares).
-  std::shared_ptr<SparePool> spares;
   /// Hellos of spares nobody has claimed yet, by key.
   std::map<std::string, caf::response_promise> parked;
 };
