@@ -133,9 +133,13 @@ caf::expected<caf::actor> reach(caf::actor_system& system, const std::string& ho
 }
 
 std::string process_label() {
+  return process_label(::getpid());
+}
+
+std::string process_label(int64_t pid) {
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
-  return std::string(host) + " pid " + std::to_string(::getpid());
+  return std::string(host) + " pid " + std::to_string(pid);
 }
 
 // -- drivers ---------------------------------------------------------------------------------

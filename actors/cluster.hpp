@@ -273,4 +273,7 @@ caf::actor system_pool(caf::actor_system& system);
 /// "<hostname> pid <pid>": how this process names itself to the head.
 std::string process_label();
 
+/// The label of process `pid` of this machine (a job the head started, say).
+std::string process_label(int64_t pid);
+
 } // namespace caftrain

@@ -89,12 +89,6 @@ std::string host_name() {
   return host;
 }
 
-/// How a job names its driver process to the head when it registers a run: the label
-/// `process_label()` gives in the job's process.
-std::string job_driver_label(int32_t pid) {
-  return host_name() + " pid " + std::to_string(pid);
-}
-
 caf::result<JobView> submit_job(Self self, JobSpec& spec) {
   auto& st = self->state;
   auto refuse = [](const std::string& why) { return make_caf_error(Errc::invalid_argument, why); };
@@ -280,7 +274,7 @@ caf::behavior head_actor(caf::stateful_actor<HeadState>* self, HeadConfig config
         key += " (" + run.driver + ")"; // another driver's run of that name
       spdlog::info("caftrain head: run '{}' of {} registered", key, run.driver);
       for (auto& [id, job] : self->state.jobs)
-        if (job.state == "running" && job_driver_label(job.pid) == run.driver)
+        if (job.state == "running" && process_label(job.pid) == run.driver)
           self->state.run_jobs[key] = id;
       self->state.runs[key] = std::move(run);
     },
