@@ -117,8 +117,7 @@ class ActorSession : public Session {
       std::chrono::steady_clock::duration(now - last_beat_.load()));
   }
 
-  void report_snapshot(const Metrics& metrics, std::map<std::string, std::vector<char>> files,
-                       bool wait) override {
+  void report_snapshot(const Metrics& metrics, CheckpointFiles files, bool wait) override {
     heartbeat();
     flush(); // one background report at a time; its failure surfaces here
     if (wait)
@@ -216,9 +215,10 @@ class ActorSession : public Session {
   }
 
   /// Writes `files` into a staging directory beside the run's checkpoints (same file
-  /// system: the persister moves them), or of this process when it does not see the
-  /// run's storage, and reports it.
-  void report_files(const Metrics& metrics, const std::map<std::string, std::vector<char>>& files) {
+  /// system: the persister moves them, taking their digests from the digests file), or
+  /// of this process when it does not see the run's storage (not fsynced: they are sent),
+  /// and reports it.
+  void report_files(const Metrics& metrics, const CheckpointFiles& files) {
     if (files.empty())
       return report(metrics, std::nullopt, {});
     static std::atomic<uint64_t> counter{0};
@@ -232,11 +232,7 @@ class ActorSession : public Session {
     if (ec)
       throw Error(Errc::io_error, "cannot create checkpoint staging directory '" + dir.string() +
                                     "': " + ec.message());
-    for (auto& [name, bytes] : files) {
-      auto path = dir / name;
-      std::filesystem::create_directories(path.parent_path(), ec);
-      write_file_atomic(path.string(), bytes);
-    }
+    write_staged_files(dir.string(), files, /*sync=*/spec_.shared_storage);
     report(metrics, Checkpoint::from_directory(dir.string()), {});
   }
 

@@ -4,8 +4,8 @@
 //   build/bench/bench_checkpoint                                # ResNet18, batch 64
 //   build/bench/bench_checkpoint --model mlp --batch 128 --every 5 --steps 40
 //
-// (a) Fits --warmup + --steps steps on 2 local workers with DDP, reporting every --every
-//     steps, three ways: reports without checkpoints (the baseline), reports with async
+// (a) After one untimed fit (a process's first is slower), fits --warmup + --steps steps
+//     on 2 local workers with DDP, reporting every --every steps, three ways: reports without checkpoints (the baseline), reports with async
 //     checkpoints (ReportOptions.async_checkpoint: written on a background thread while
 //     training goes on), and with blocking checkpoints (Ray's default). The time of the
 //     steps after the warm-up, until every checkpoint is durable, is taken on rank 0
@@ -14,6 +14,9 @@
 //     checkpoint from (a) (model.pt, optimizer.pt, ...), and runs
 //     `dd if=/dev/zero of=<dir>/ddtest bs=1M count=<same MiB> conv=fsync` in the same
 //     directory; prints MB/s of both and the ratio ours/dd (dd's own figure).
+// (c) Times what one checkpoint of the model of (a) costs the training thread: serializing
+//     it in memory (before snapshots) against taking the snapshot (copies into warm
+//     buffers), and the background thread's serialization and write of the snapshot.
 #include <torch/torch.h>
 
 #include <unistd.h>
@@ -224,6 +227,13 @@ int main(int argc, char** argv) {
   std::map<std::string, std::vector<double>> step_ms;
   std::map<std::string, uint64_t> sizes;
   const char* modes[] = {"none", "async", "sync"};
+  {
+    // The first fit of a process is slower (its first allocations, the data's first
+    // decode): one of --every steps, not timed, so that it does not land on a mode.
+    auto first = f;
+    first.steps = f.every;
+    run_fit(sys, first, "none", -1);
+  }
   for (int64_t r = 0; r < f.repeats; ++r) {
     std::printf("repeat %lld:", static_cast<long long>(r));
     for (auto* mode : modes) {
@@ -274,4 +284,53 @@ int main(int argc, char** argv) {
   std::printf("median MB/s: CheckpointWriter %.1f, dd conv=fsync %.1f\n", median(ours) / 1e6,
               median(dd) / 1e6);
   std::printf("ratio ours/dd: %.3f\n", median(ours) / median(dd));
+
+  // -- (c) what one checkpoint costs the training thread ------------------------------
+  // The model and Adam state of (a), after one step: serializing both in memory (what
+  // the training thread did before snapshots) against the snapshot (copies into the warm
+  // buffers of the previous one), and the snapshot's serialization and write as the
+  // background thread does it (write_staged_files, fsynced).
+  auto model = caftrain::with_seed(0, [&] { return std::make_shared<Classifier>(f.model); });
+  auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(1e-3));
+  {
+    auto batch = f.model == "resnet18" ? torch::randn({8, 1, 28, 28}) : torch::randn({8, 784});
+    optimizer->zero_grad();
+    auto out = model->resnet ? model->resnet->forward(batch) : model->mlp->forward(batch);
+    out.sum().backward();
+    optimizer->step();
+  }
+  std::vector<std::shared_ptr<torch::optim::Optimizer>> optimizers{optimizer};
+  caftrain::TensorCopies copies;
+  std::vector<double> serialize_ms, snapshot_ms, write_ms;
+  for (int64_t r = 0; r <= f.write_repeats; ++r) { // the first snapshot warms the buffers
+    auto start = Clock::now();
+    auto model_bytes = caftrain::serialize_state_dict(caftrain::state_dict(*model));
+    auto optimizer_bytes = caftrain::optimizers_bytes(optimizers);
+    auto serialized = Clock::now();
+    caftrain::CheckpointFiles snapshot;
+    caftrain::StateDict copy;
+    for (auto& item : caftrain::state_dict(*model))
+      copy.insert(item.key(), copies.copy("model/" + item.key(), item.value()));
+    snapshot["model.pt"] = caftrain::state_dict_source(std::move(copy));
+    snapshot["optimizer.pt"] = caftrain::optimizers_source(optimizers, copies);
+    auto snapped = Clock::now();
+    auto dir = (fs::path(f.dir) / ("snapshot_" + std::to_string(::getpid()) + "_" + std::to_string(r))).string();
+    fs::create_directories(dir);
+    caftrain::write_staged_files(dir, snapshot, true);
+    auto written = Clock::now();
+    snapshot.clear();
+    fs::remove_all(dir);
+    if (r == 0)
+      continue;
+    auto ms = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+    serialize_ms.push_back(ms(start, serialized));
+    snapshot_ms.push_back(ms(serialized, snapped));
+    write_ms.push_back(ms(snapped, written));
+    std::printf("snapshot %lld: serialize in memory %.1f ms, snapshot %.1f ms, serialize+write %.1f ms\n",
+                static_cast<long long>(r), serialize_ms.back(), snapshot_ms.back(), write_ms.back());
+  }
+  std::printf("median training-thread ms per checkpoint: serialize in memory %.1f, snapshot %.1f "
+              "(the background thread's serialize+write: %.1f)\n",
+              median(serialize_ms), median(snapshot_ms), median(write_ms));
+  std::printf("ratio snapshot/serialize: %.3f\n", median(snapshot_ms) / median(serialize_ms));
 }

@@ -52,9 +52,13 @@ void ReportCallback::report(Trainer& trainer) {
   auto& session = train::session();
   bool with_checkpoint = options_.checkpoint && options_.checkpoint_every > 0 &&
                          ++reports_ % options_.checkpoint_every == 0;
-  std::map<std::string, std::vector<char>> files;
-  if (with_checkpoint)
+  CheckpointFiles files;
+  if (with_checkpoint) {
+    // The previous background report ends first: its snapshot's buffers are then free
+    // for this one (else it would copy into new memory).
+    session.flush();
     files = checkpoint_files(trainer); // the snapshot; collective for sharded strategies
+  }
   session.report_snapshot(metrics, std::move(files), !options_.async_checkpoint);
 }
 

@@ -117,6 +117,55 @@ CheckpointMetadata metadata_from_json(const std::string& text, const std::string
   return m;
 }
 
+// -- staged files ---------------------------------------------------------------------------
+
+void write_staged_digests(const std::string& dir, const std::map<std::string, FileDigest>& digests,
+                          bool synced) {
+  json files = json::object();
+  for (auto& [name, d] : digests)
+    files[name] = {{"size", d.size}, {"crc32", d.crc32}};
+  json j = {{"synced", synced}, {"files", files}};
+  write_file_atomic((fs::path(dir) / kStagedDigestsFile).string(), j.dump());
+}
+
+void write_staged_files(const std::string& dir, const CheckpointFiles& files, bool sync) {
+  std::map<std::string, FileDigest> digests;
+  for (auto& [name, source] : files) {
+    auto path = fs::path(dir) / name;
+    std::error_code ec;
+    fs::create_directories(path.parent_path(), ec);
+    if (ec)
+      throw Error(Errc::io_error, "cannot create '" + path.parent_path().string() + "': " + ec.message());
+    auto written = write_file_streamed(path.string(), source, sync);
+    digests[name] = FileDigest{written.size, written.crc32};
+  }
+  write_staged_digests(dir, digests, sync);
+}
+
+namespace {
+
+/// The digests file of staging directory `dir`, if it has a readable one.
+std::optional<std::pair<std::map<std::string, FileDigest>, bool>> read_staged_digests(const std::string& dir) {
+  auto path = fs::path(dir) / kStagedDigestsFile;
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec))
+    return std::nullopt;
+  auto bytes = read_file(path.string());
+  auto j = json::parse(bytes.begin(), bytes.end(), nullptr, false);
+  if (!j.is_object() || !j.contains("files") || !j["files"].is_object())
+    return std::nullopt; // the files are read instead
+  std::map<std::string, FileDigest> digests;
+  try {
+    for (auto& [name, d] : j["files"].items())
+      digests[name] = FileDigest{d.at("size").get<uint64_t>(), d.at("crc32").get<uint32_t>()};
+  } catch (const json::exception&) {
+    return std::nullopt;
+  }
+  return std::make_pair(std::move(digests), j.value("synced", false));
+}
+
+} // namespace
+
 // -- Checkpoint ---------------------------------------------------------------------------
 
 Checkpoint Checkpoint::from_directory(const std::string& path) {
@@ -254,6 +303,7 @@ void CheckpointWriter::add_file(const std::string& name, const std::vector<char>
   // fsync waits for commit, so that the files' writeback overlaps.
   write_file_started(p.string(), bytes);
   files_[name] = FileDigest{bytes.size(), crc32_of(bytes.data(), bytes.size())};
+  unsynced_.insert(name);
 }
 
 void CheckpointWriter::add_file(const std::string& name, const std::string& text) {
@@ -288,13 +338,14 @@ void CheckpointWriter::move_directory(const std::string& source) {
   std::error_code ec;
   if (!fs::is_directory(source, ec))
     throw Error(Errc::io_error, "checkpoint source '" + source + "' is not a directory");
+  auto staged = read_staged_digests(source);
   std::vector<fs::path> files;
   for (auto& entry : fs::recursive_directory_iterator(source, ec))
     if (entry.is_regular_file())
       files.push_back(entry.path());
   for (auto& file : files) {
     auto rel = fs::relative(file, source).string();
-    if (rel == kMetadataFile)
+    if (rel == kMetadataFile || rel == kStagedDigestsFile)
       continue;
     auto target = fs::path(staging_) / rel;
     fs::create_directories(target.parent_path(), ec);
@@ -302,7 +353,15 @@ void CheckpointWriter::move_directory(const std::string& source) {
       add_file(rel, read_file(file.string())); // another file system: copy
       continue;
     }
-    add_existing(rel);
+    auto known = staged ? staged->first.find(rel) : std::map<std::string, FileDigest>::iterator();
+    auto size = fs::file_size(target, ec);
+    if (staged && known != staged->first.end() && !ec && size == known->second.size) {
+      files_[rel] = known->second; // its writer's digest, of the bytes it wrote
+      if (!staged->second)
+        unsynced_.insert(rel);
+    } else {
+      add_existing(rel);
+    }
   }
   fs::remove_all(source, ec);
 }
@@ -314,11 +373,11 @@ Checkpoint CheckpointWriter::commit(CheckpointMetadata metadata) {
   metadata.created_at =
     std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   write_file_atomic((fs::path(staging_) / kMetadataFile).string(), to_json(metadata));
-  // Every file's content (their writeback started in add_file), then the entries of the
+  // Every file's content not made durable yet (their writeback started in add_file; the
+  // others' writers, or add_existing, fsynced them), then the entries of the
   // subdirectories (sharded files) and of the staging directory.
-  for (auto& entry : fs::recursive_directory_iterator(staging_))
-    if (entry.is_regular_file())
-      fsync_path(entry.path().string());
+  for (auto& name : unsynced_)
+    fsync_path((fs::path(staging_) / name).string());
   for (auto& entry : fs::recursive_directory_iterator(staging_))
     if (entry.is_directory())
       fsync_path(entry.path().string());

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,25 @@ struct FileDigest {
   uint64_t size = 0;
   uint32_t crc32 = 0;
 };
+
+/// A rank's part of a checkpoint as its snapshot holds it: relative path -> the file's
+/// source (serialized when it is written, possibly on another thread).
+using CheckpointFiles = std::map<std::string, FileSource>;
+
+/// Name of the digests file a staging directory may carry: the size and CRC-32 of each
+/// of its files, as their writer computed them from the bytes it wrote, and whether it
+/// fsynced them. `CheckpointWriter::move_directory` takes them from it instead of reading
+/// every file again; it is not part of the checkpoint.
+constexpr const char* kStagedDigestsFile = ".caftrain_digests.json";
+
+/// Writes `digests` of the files of staging directory `dir` (`synced`: the writer
+/// fsynced them) into its digests file.
+void write_staged_digests(const std::string& dir, const std::map<std::string, FileDigest>& digests,
+                          bool synced);
+
+/// Writes every file of `files` into directory `dir` (each once, its CRC-32 computed as
+/// it passes; fsynced with `sync`) with the digests file beside them.
+void write_staged_files(const std::string& dir, const CheckpointFiles& files, bool sync);
 
 /// What a checkpoint says about itself (metadata.json).
 struct CheckpointMetadata {
@@ -153,7 +173,9 @@ class CheckpointWriter {
   void add_directory(const std::string& source);
 
   /// Moves every file of `source` into the checkpoint (a rename on the same file system,
-  /// else a copy) and removes `source`.
+  /// else a copy) and removes `source`. A file the digests file of `source` lists with
+  /// its size is taken with that digest, not read again (nor fsynced again when its
+  /// writer did).
   void move_directory(const std::string& source);
 
   /// Writes metadata.json (with the digests) and renames the directory into place.
@@ -170,6 +192,8 @@ class CheckpointWriter {
   std::string final_;
   std::string staging_;
   std::map<std::string, FileDigest> files_;
+  /// Files whose writer did not fsync them: `commit` does.
+  std::set<std::string> unsynced_;
   FaultHook fault_;
   bool committed_ = false;
 };

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 
 #include "core/error.hpp"
 
@@ -99,6 +100,52 @@ void write_file_started(const std::string& path, const std::vector<char>& bytes)
 #endif
   if (::close(fd.release()) != 0)
     io_fail("closing", path, errno);
+}
+
+FileSource bytes_source(std::vector<char> bytes) {
+  auto held = std::make_shared<const std::vector<char>>(std::move(bytes));
+  return [held](const ByteSink& out) { out(held->data(), held->size()); };
+}
+
+std::vector<char> bytes_of(const FileSource& source) {
+  std::vector<char> bytes;
+  source([&](const char* data, size_t size) { bytes.insert(bytes.end(), data, data + size); });
+  return bytes;
+}
+
+WrittenFile write_file_streamed(const std::string& path, const FileSource& source, bool sync) {
+  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (fd.get() < 0)
+    io_fail("creating", path, errno);
+  // Serializers hand over many small pieces (headers, pickle opcodes) between the large
+  // ones (tensor data): the small ones gather in a buffer, the large ones go straight on.
+  constexpr size_t kBuffer = size_t{1} << 20;
+  std::vector<char> buffer;
+  buffer.reserve(kBuffer);
+  WrittenFile written;
+  auto drain = [&] {
+    write_all(fd.get(), buffer.data(), buffer.size(), path);
+    buffer.clear();
+  };
+  source([&](const char* data, size_t size) {
+    written.crc32 = crc32_of(data, size, written.crc32);
+    written.size += size;
+    if (buffer.size() + size <= kBuffer) {
+      buffer.insert(buffer.end(), data, data + size);
+      return;
+    }
+    drain();
+    if (size < kBuffer)
+      buffer.insert(buffer.end(), data, data + size);
+    else
+      write_all(fd.get(), data, size, path);
+  });
+  drain();
+  if (sync && ::fsync(fd.get()) != 0)
+    io_fail("fsync of", path, errno);
+  if (::close(fd.release()) != 0)
+    io_fail("closing", path, errno);
+  return written;
 }
 
 std::vector<char> read_file(const std::string& path) {

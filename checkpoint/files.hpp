@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/file_source.hpp"
+
 namespace caftrain {
 
 /// Reads the whole file; throws `Error(io_error)` naming the path and the OS's reason.
@@ -26,6 +28,25 @@ void lower_thread_priority();
 /// waiting for it: the file is durable only after a later `fsync_path(path)`. For files
 /// of a private staging directory that is made durable, and published, as a whole.
 void write_file_started(const std::string& path, const std::vector<char>& bytes);
+
+/// A source of bytes at hand.
+FileSource bytes_source(std::vector<char> bytes);
+
+/// All the bytes of `source`.
+std::vector<char> bytes_of(const FileSource& source);
+
+/// Size and CRC-32 of a file `write_file_streamed` wrote.
+struct WrittenFile {
+  uint64_t size = 0;
+  uint32_t crc32 = 0;
+};
+
+/// Creates (or truncates) `path` with the bytes `source` produces, straight from the
+/// source into the file (no copy of the whole file in memory), computing their CRC-32 as
+/// they pass; with `sync`, fsyncs the file. Not atomic: for files of a private staging
+/// directory, published as a whole. The one write, and the one checksum pass, of a
+/// checkpoint file a worker writes.
+WrittenFile write_file_streamed(const std::string& path, const FileSource& source, bool sync);
 
 /// CRC-32 (zlib's) of `size` bytes.
 uint32_t crc32_of(const void* data, size_t size, uint32_t seed = 0);

@@ -4,6 +4,8 @@
 #include <torch/optim/serialize.h>
 #include <torch/torch.h>
 
+#include "checkpoint/files.hpp"
+#include "checkpoint/state_dict.hpp"
 #include "core/error.hpp"
 
 namespace caftrain {
@@ -70,6 +72,98 @@ std::vector<char> optimizers_bytes(const std::vector<std::shared_ptr<o::Optimize
     archive.write(key_of(i), nested);
   }
   return archive_bytes(archive);
+}
+
+namespace {
+
+// Each kind's state with its tensors replaced by copies (TensorCopies, under `key`).
+void copy_tensors(o::AdamParamState& s, const std::string& key, TensorCopies& c) {
+  s.exp_avg(c.copy(key + "/exp_avg", s.exp_avg()));
+  s.exp_avg_sq(c.copy(key + "/exp_avg_sq", s.exp_avg_sq()));
+  s.max_exp_avg_sq(c.copy(key + "/max_exp_avg_sq", s.max_exp_avg_sq()));
+}
+
+void copy_tensors(o::AdamWParamState& s, const std::string& key, TensorCopies& c) {
+  s.exp_avg(c.copy(key + "/exp_avg", s.exp_avg()));
+  s.exp_avg_sq(c.copy(key + "/exp_avg_sq", s.exp_avg_sq()));
+  s.max_exp_avg_sq(c.copy(key + "/max_exp_avg_sq", s.max_exp_avg_sq()));
+}
+
+void copy_tensors(o::SGDParamState& s, const std::string& key, TensorCopies& c) {
+  s.momentum_buffer(c.copy(key + "/momentum_buffer", s.momentum_buffer()));
+}
+
+void copy_tensors(o::RMSpropParamState& s, const std::string& key, TensorCopies& c) {
+  s.square_avg(c.copy(key + "/square_avg", s.square_avg()));
+  s.momentum_buffer(c.copy(key + "/momentum_buffer", s.momentum_buffer()));
+  s.grad_avg(c.copy(key + "/grad_avg", s.grad_avg()));
+}
+
+void copy_tensors(o::AdagradParamState& s, const std::string& key, TensorCopies& c) {
+  s.sum(c.copy(key + "/sum", s.sum()));
+}
+
+using SaveFn = std::function<void(torch::serialize::OutputArchive&)>;
+
+/// What `optimizer.save(archive)` writes, from a copy of its state taken now; empty for
+/// an optimizer without a copy here (LBFGS, or not one of libtorch's).
+SaveFn snapshot_save(const o::Optimizer& optimizer, const std::string& prefix, TensorCopies& copies) {
+  SaveFn save;
+  with_kind(optimizer, [&](auto kind) {
+    using K = decltype(kind);
+    using State = typename K::state_type;
+    using Options = typename K::options_type;
+    if constexpr (!std::is_same_v<State, o::LBFGSParamState>) {
+      using StateMap = ska::flat_hash_map<std::string, std::unique_ptr<o::OptimizerParamState>>;
+      auto state = std::make_shared<StateMap>();
+      for (auto& [key, value] : optimizer.state()) {
+        auto copy = std::make_unique<State>(static_cast<const State&>(*value)); // shares tensors
+        copy_tensors(*copy, prefix + key, copies);
+        (*state)[key] = std::move(copy);
+      }
+      // The groups keep the parameters only for their addresses, the keys of the state.
+      auto groups = std::make_shared<std::vector<o::OptimizerParamGroup>>();
+      for (auto& group : optimizer.param_groups())
+        groups->emplace_back(group.params(), group.options().clone());
+      // What libtorch's Optimizer::save writes for these kinds (torch::optim::serialize).
+      save = [state, groups](torch::serialize::OutputArchive& archive) {
+        archive.write("pytorch_version", c10::IValue("1.5.0"));
+        torch::serialize::OutputArchive state_archive(archive.compilation_unit());
+        o::detail::serialize<State>(state_archive, *state);
+        archive.write("state", state_archive);
+        torch::serialize::OutputArchive groups_archive(archive.compilation_unit());
+        o::detail::serialize<Options>(groups_archive, *groups);
+        archive.write("param_groups", groups_archive);
+      };
+    }
+  });
+  return save;
+}
+
+} // namespace
+
+FileSource optimizers_source(const std::vector<std::shared_ptr<o::Optimizer>>& optimizers,
+                             TensorCopies& copies) {
+  std::vector<SaveFn> saves;
+  for (size_t i = 0; i < optimizers.size(); ++i) {
+    auto save = snapshot_save(*optimizers[i], key_of(i) + "/", copies);
+    if (!save)
+      return bytes_source(optimizers_bytes(optimizers));
+    saves.push_back(std::move(save));
+  }
+  return [saves = std::move(saves)](const ByteSink& out) {
+    torch::serialize::OutputArchive archive;
+    archive.write("count", torch::tensor(static_cast<int64_t>(saves.size())), true);
+    for (size_t i = 0; i < saves.size(); ++i) {
+      torch::serialize::OutputArchive nested;
+      saves[i](nested);
+      archive.write(key_of(i), nested);
+    }
+    archive.save_to([&](const void* data, size_t size) {
+      out(static_cast<const char*>(data), size);
+      return size;
+    });
+  };
 }
 
 std::vector<char> optimizer_options_bytes(const std::vector<std::shared_ptr<o::Optimizer>>& optimizers) {

@@ -10,6 +10,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "checkpoint/file_source.hpp"
+
 namespace torch::optim {
 class Optimizer;
 class OptimizerOptions;
@@ -37,6 +39,15 @@ struct SavedOptimizer {
 /// Every optimizer's state and options in libtorch's archive (`Optimizer::save`), nested
 /// as "optimizer_<i>" beside "count": the `optimizer.pt` of an unsharded checkpoint.
 std::vector<char> optimizers_bytes(const std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers);
+
+class TensorCopies;
+
+/// The bytes `optimizers_bytes` gives now, as a source that serializes later, on any
+/// thread, while the optimizers step on: their state tensors are copied now (into
+/// `copies`), their options and param groups too. An optimizer that is not Adam, AdamW,
+/// SGD, RMSprop or Adagrad (LBFGS, a type of one's own) is serialized now instead.
+FileSource optimizers_source(const std::vector<std::shared_ptr<torch::optim::Optimizer>>& optimizers,
+                             TensorCopies& copies);
 
 /// Every optimizer's param-group options only, in the same layout (no state): the
 /// `optimizer_options.pt` of a sharded checkpoint, whose state lives in the shards.

@@ -2,6 +2,9 @@
 
 #include <set>
 
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/serialize.h>
 #include <torch/torch.h>
 
@@ -63,10 +66,51 @@ void load_state_dict(torch::nn::Module& module, const StateDict& state, LoadOpti
 }
 
 std::vector<char> serialize_state_dict(const StateDict& state) {
-  c10::Dict<std::string, at::Tensor> dict;
-  for (auto& item : state)
-    dict.insert(item.key(), item.value().detach().to(torch::kCPU).contiguous());
-  return torch::pickle_save(dict);
+  return bytes_of(state_dict_source(state));
+}
+
+FileSource state_dict_source(StateDict state) {
+  return [state = std::move(state)](const ByteSink& out) {
+    c10::Dict<std::string, at::Tensor> dict;
+    for (auto& item : state)
+      dict.insert(item.key(), item.value().detach().to(torch::kCPU).contiguous());
+    // What torch::pickle_save does (Python's torch.save format: data.pkl and one record
+    // per tensor), with the archive going to `out` as it is made instead of into one
+    // vector: the pickle holds references, the records the tensors' own memory.
+    std::vector<char> pickled;
+    torch::jit::Pickler pickler(
+      [&](const char* data, size_t size) { pickled.insert(pickled.end(), data, data + size); });
+    pickler.protocol();
+    pickler.pushIValue(dict);
+    pickler.stop();
+    caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, size_t size) {
+      out(static_cast<const char*>(data), size);
+      return size;
+    });
+    torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(),
+                                       writer);
+    writer.writeEndOfFile();
+  };
+}
+
+at::Tensor TensorCopies::copy(const std::string& key, const at::Tensor& t) {
+  if (!t.defined())
+    return {};
+  torch::NoGradGuard no_grad;
+  auto& buffer = buffers_[key];
+  bool fits = buffer.defined() && buffer.sizes() == t.sizes() && buffer.dtype() == t.dtype() &&
+              buffer.use_count() == 1 && buffer.storage().use_count() == 1;
+  if (!fits)
+    buffer = at::empty(t.sizes(), t.options().device(torch::kCPU).requires_grad(false));
+  buffer.copy_(t.detach());
+  return buffer;
+}
+
+int64_t TensorCopies::bytes() const {
+  int64_t total = 0;
+  for (auto& [key, t] : buffers_)
+    total += static_cast<int64_t>(t.nbytes());
+  return total;
 }
 
 StateDict deserialize_state_dict(const std::vector<char>& bytes, const std::string& origin) {

@@ -545,8 +545,8 @@ ParameterScope ShardedStrategy::summon_full_params(bool writeback) {
   });
 }
 
-std::map<std::string, std::vector<char>> ShardedStrategy::shard_files() {
-  std::map<std::string, std::vector<char>> files;
+std::map<std::string, FileSource> ShardedStrategy::shard_files(TensorCopies& copies) {
+  std::map<std::string, FileSource> files;
   int rank = communicator_ ? communicator_->rank() : 0;
   if (replicate() && rank != 0)
     return files; // every rank holds the same: rank 0 writes it
@@ -554,12 +554,12 @@ std::map<std::string, std::vector<char>> ShardedStrategy::shard_files() {
   for (auto& [opt, owned] : owners_) {
     for (auto f : owned) {
       auto& flat = *flats_[f];
-      shard.insert(flat.id(), flat.shard().detach().cpu().clone());
+      shard.insert(flat.id(), copies.copy("shard/" + flat.id(), flat.shard()));
       for (auto& [key, t] : optimizer_state_of(*opt, flat.shard()))
-        shard.insert(flat.id() + "/" + key, t.detach().cpu().clone());
+        shard.insert(flat.id() + "/" + key, copies.copy("shard/" + flat.id() + "/" + key, t));
     }
   }
-  files[shard_file(replicate() ? 0 : rank)] = serialize_state_dict(shard);
+  files[shard_file(replicate() ? 0 : rank)] = state_dict_source(std::move(shard));
   if (rank == 0) {
     ShardLayout layout;
     layout.world_size = flats_.empty() ? 1 : flats_.front()->world();
@@ -575,12 +575,12 @@ std::map<std::string, std::vector<char>> ShardedStrategy::shard_files() {
       layout.flats.push_back(std::move(fl));
     }
     auto text = to_json(layout);
-    files[kLayoutFile] = std::vector<char>(text.begin(), text.end());
+    files[kLayoutFile] = bytes_source(std::vector<char>(text.begin(), text.end()));
     StateDict buffers;
     for (auto& item : module_->named_buffers())
       buffers.insert(item.key(), item.value().detach());
-    files[kBuffersFile] = serialize_state_dict(buffers);
-    files[kOptimizerOptionsFile] = optimizer_options_bytes(optimizers_);
+    files[kBuffersFile] = bytes_source(serialize_state_dict(buffers)); // small: now
+    files[kOptimizerOptionsFile] = bytes_source(optimizer_options_bytes(optimizers_));
   }
   return files;
 }

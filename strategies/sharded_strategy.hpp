@@ -54,7 +54,7 @@ class ShardedStrategy : public Strategy {
   bool sharded_checkpoints() const override {
     return true;
   }
-  std::map<std::string, std::vector<char>> shard_files() override;
+  std::map<std::string, FileSource> shard_files(TensorCopies& copies) override;
   void load_sharded(const Checkpoint& checkpoint) override;
   void load_optimizer_state(const std::vector<SavedOptimizer>& saved) override;
   MemoryStats memory_stats() const override;

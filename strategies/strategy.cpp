@@ -170,7 +170,7 @@ void Strategy::load_model_state_dict(const StateDict& state, bool strict) {
   load_state_dict(*module_, state, {strict});
 }
 
-std::map<std::string, std::vector<char>> Strategy::shard_files() {
+std::map<std::string, FileSource> Strategy::shard_files(TensorCopies&) {
   throw Error(Errc::invalid_config, "strategy '" + name() + "' writes unsharded checkpoints");
 }
 

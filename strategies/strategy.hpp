@@ -174,8 +174,9 @@ class Strategy {
   }
 
   /// This rank's files of a sharded checkpoint (`sharded_checkpoints()` strategies):
-  /// its shard, and on rank 0 the layout and the buffers. Collective.
-  virtual std::map<std::string, std::vector<char>> shard_files();
+  /// its shard, and on rank 0 the layout and the buffers. Collective. A snapshot: the
+  /// shards are copied into `copies` now and serialized when the files are written.
+  virtual std::map<std::string, FileSource> shard_files(TensorCopies& copies);
 
   /// Restores parameters and optimizer state from a sharded checkpoint written with any
   /// world size (resharding as needed).

@@ -33,13 +33,12 @@ class Session : public WorkerRuntime {
   virtual void report(const Metrics& metrics, const std::optional<Checkpoint>& checkpoint,
                       const train::ReportArgs& args) = 0;
 
-  /// Writes `files` (name -> bytes: this rank's part of a checkpoint, possibly none) into
-  /// a staging directory of the run and reports them with `metrics`. With `wait` false
-  /// the write and the report run on a background thread, one at a time and in order, and
-  /// training goes on (the report still counts only once the checkpoint is durable); a
-  /// failure of it surfaces at the next report or when train_func returns.
-  virtual void report_snapshot(const Metrics& metrics, std::map<std::string, std::vector<char>> files,
-                               bool wait) = 0;
+  /// Writes `files` (this rank's part of a checkpoint snapshot, possibly none) into a
+  /// staging directory of the run and reports them with `metrics`. With `wait` false the
+  /// serialization, the write and the report run on a background thread, one at a time
+  /// and in order, and training goes on (the report still counts only once the checkpoint
+  /// is durable); a failure of it surfaces at the next report or when train_func returns.
+  virtual void report_snapshot(const Metrics& metrics, CheckpointFiles files, bool wait) = 0;
 
   /// Waits for background reports; rethrows the failure of one.
   virtual void flush() = 0;

@@ -7,6 +7,7 @@
 
 #include <c10/core/Device.h>
 
+#include "checkpoint/state_dict.hpp"
 #include "data/loader.hpp"
 #include "train/metrics_collector.hpp"
 #include "train/precision.hpp"
@@ -46,6 +47,9 @@ struct Trainer::Impl {
   c10::Device device{c10::kCPU};
   std::unique_ptr<Precision> precision;
   bool setup_done = false;
+  /// Where checkpoint snapshots copy the model and optimizer state (reused from one
+  /// checkpoint to the next: a checkpoint's worth of memory for the fit's lifetime).
+  TensorCopies snapshot_copies;
 
   // -- progress -----------------------------------------------------------------------
 

@@ -106,33 +106,36 @@ std::string rank_rng_file(int64_t rank) {
 
 } // namespace
 
-std::map<std::string, std::vector<char>> checkpoint_files(Trainer& trainer) {
+CheckpointFiles checkpoint_files(Trainer& trainer) {
   auto& s = trainer.impl();
   if (!s.module || !s.strategy)
     throw Error(Errc::bad_state, "save_checkpoint needs a running fit (call it from a callback or "
                                  "after fit has set the trainer up)");
-  std::map<std::string, std::vector<char>> files;
+  CheckpointFiles files;
   auto rank = s.environment->global_rank();
   // A worker process's CPU generator is its rank's own: each rank saves it beside rank
   // 0's `rng.pt`. (Ranks that are threads of one process share libtorch's one default
   // generator, whose state rank 0 saves for all.)
   if (rank != 0 && single_rank_process())
-    files[rank_rng_file(rank)] = rng_bytes();
+    files[rank_rng_file(rank)] = bytes_source(rng_bytes());
   bool sharded = s.strategy->sharded_checkpoints();
   if (sharded) {
-    auto shard = s.strategy->shard_files(); // this rank's shard; rank 0 adds layout and buffers
+    auto shard = s.strategy->shard_files(s.snapshot_copies); // rank 0 adds layout and buffers
     files.insert(shard.begin(), shard.end());
     if (rank != 0)
       return files;
   } else {
     if (s.environment->global_rank() != 0)
       return files;
-    files["model.pt"] = serialize_state_dict(s.strategy->model_state_dict());
-    files["optimizer.pt"] = optimizers_bytes(s.optimizers);
+    StateDict model;
+    for (auto& item : s.strategy->model_state_dict())
+      model.insert(item.key(), s.snapshot_copies.copy("model/" + item.key(), item.value()));
+    files["model.pt"] = state_dict_source(std::move(model));
+    files["optimizer.pt"] = optimizers_source(s.optimizers, s.snapshot_copies);
   }
   auto state = trainer_state(trainer).dump(2);
-  files["trainer_state.json"] = std::vector<char>(state.begin(), state.end());
-  files["rng.pt"] = rng_bytes();
+  files["trainer_state.json"] = bytes_source(std::vector<char>(state.begin(), state.end()));
+  files["rng.pt"] = bytes_source(rng_bytes());
   return files;
 }
 
@@ -143,21 +146,17 @@ void write_checkpoint(Trainer& trainer, const std::string& path) {
   // Every rank stages its part beside the destination; rank 0 commits them all.
   auto parts = fs::path(path + ".parts");
   auto mine = parts / ("rank_" + std::to_string(rank));
-  for (auto& [name, bytes] : files) {
-    std::error_code ec;
-    fs::create_directories((mine / name).parent_path(), ec);
-    write_file_atomic((mine / name).string(), bytes);
-  }
+  std::error_code ec;
+  fs::create_directories(mine, ec);
+  write_staged_files(mine.string(), files, /*sync=*/true);
   s.strategy->barrier();
   if (rank == 0) {
     CheckpointWriter writer(path);
     for (int64_t r = 0; r < s.environment->world_size(); ++r) {
       auto part = parts / ("rank_" + std::to_string(r));
-      std::error_code ec;
       if (fs::is_directory(part, ec))
         writer.move_directory(part.string());
     }
-    std::error_code ec;
     fs::remove_all(parts, ec);
     CheckpointMetadata meta;
     meta.epoch = s.epoch;

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/checkpoint.hpp"
+
 namespace caftrain {
 
 class Trainer;
@@ -12,12 +14,15 @@ class Trainer;
 /// Files this rank contributes to a checkpoint of the running fit (collective: every
 /// rank calls it at the same point). On a non-sharded strategy rank 0 returns the whole
 /// checkpoint and the others nothing; on a sharded one every rank returns its shards.
+/// A snapshot: the model's and optimizers' tensors are copied now (into the trainer's
+/// reused buffers) and serialized when the files are written, on any thread, while
+/// training goes on.
 ///
 /// - `model.pt`: the module's state dict (Python's torch.load reads it)
 /// - `optimizer.pt`: every optimizer's state (libtorch archive)
 /// - `trainer_state.json`: epoch, step, batch to resume at, schedulers, callbacks, hparams
 /// - `rng.pt`: libtorch's global generator state
-std::map<std::string, std::vector<char>> checkpoint_files(Trainer& trainer);
+CheckpointFiles checkpoint_files(Trainer& trainer);
 
 /// Writes a checkpoint of the running fit into directory `path` (collective; committed
 /// atomically by rank 0 once every rank's files are in place).
