@@ -26,6 +26,8 @@ caf::behavior node_agent_actor(caf::stateful_actor<NodeAgentState>* self, std::s
   return {
     [=](run_gone_atom, const caf::node_id& node, caf::actor_id id) {
       auto& st = self->state;
+      if (st.hub.spares)
+        st.hub.spares->drop_run(node, id); // the run is over: its spares are not needed
       for (auto& [launcher, of] : st.trainer_of)
         if (of.node() == node && of.id() == id) {
           spdlog::info("caftrain node {}: the driver of a run is gone; stopping its worker process", st.id);
@@ -69,14 +71,16 @@ int run_node(caf::actor_system& system, const NodeOptions& options) {
     return fail("cannot reach the head at " + options.head + ": " + system.render(reached.error()) + tls_hint(system));
   auto head = std::move(*reached);
   // The node's worker processes connect here, on this machine.
-  auto hub = system.spawn(hub_actor, std::shared_ptr<SparePool>{}); // no spares on nodes yet
+  // Warm spares of the runs that ask for them (FailureConfig::warm_spares) wait here too.
+  auto spares = std::make_shared<SparePool>();
+  auto hub = system.spawn(hub_actor, spares);
   auto port = net::publish(system, hub, 0, "127.0.0.1");
   if (!port)
     return fail("cannot open the port worker processes connect to: " + system.render(port.error()));
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
   auto name = options.name.empty() ? std::string(host) + "-" + std::to_string(::getpid()) : options.name;
-  auto agent = system.spawn(node_agent_actor, name, HubAddress{hub, "127.0.0.1", *port, nullptr});
+  auto agent = system.spawn(node_agent_actor, name, HubAddress{hub, "127.0.0.1", *port, spares});
   // Drivers connect to the agent directly: launches and their workers' ends do not pass
   // through the head.
   auto host_for_drivers = advertise_as(options.host, address.first);

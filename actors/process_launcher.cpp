@@ -31,8 +31,9 @@ void SparePool::start(const std::string& slot, const LaunchSpec& spec) {
   std::lock_guard<std::mutex> guard(mtx_);
   if (closed_)
     return;
+  auto trainer = spec.assignment.trainer.address();
   for (auto& [key, spare] : spares_)
-    if (spare.slot == slot && !spare.owner && !spare.gone->load())
+    if (spare.slot == slot && spare.trainer == trainer && !spare.owner && !spare.gone->load())
       return;
   auto key = spec.key + "-spare";
   auto env = spec.env;
@@ -62,7 +63,7 @@ void SparePool::start(const std::string& slot, const LaunchSpec& spec) {
       owner = i->second.owner;
       if (!owner && i->second.reaper)
         self->ended_.push_back(std::move(i->second.reaper)); // this thread; joined by close
-      unexpected = !owner && !self->closed_;
+      unexpected = !owner && !self->closed_ && !i->second.dropped;
       self->spares_.erase(i);
     }
     if (owner)
@@ -70,13 +71,14 @@ void SparePool::start(const std::string& slot, const LaunchSpec& spec) {
     else if (unexpected)
       spdlog::warn("caftrain: spare worker process {} {} before it was needed", pid, describe_exit(status));
   });
-  spares_[key] = Spare{slot, pid, caf::actor(), reaper, gone};
+  spares_[key] = Spare{slot, trainer, pid, false, caf::actor(), reaper, gone};
 }
 
-std::optional<SparePool::Claimed> SparePool::claim(const std::string& slot, const caf::actor& owner) {
+std::optional<SparePool::Claimed> SparePool::claim(const std::string& slot, const caf::actor_addr& trainer,
+                                                   const caf::actor& owner) {
   std::lock_guard<std::mutex> guard(mtx_);
   for (auto& [key, spare] : spares_) {
-    if (spare.slot != slot || spare.owner || spare.gone->load())
+    if (spare.slot != slot || spare.trainer != trainer || spare.owner || spare.dropped || spare.gone->load())
       continue;
     spare.owner = owner;
     return Claimed{spare.pid, key, std::move(spare.reaper), spare.gone};
@@ -91,6 +93,24 @@ bool SparePool::find(const std::string& key, caf::actor& owner) {
     return false;
   owner = i->second.owner;
   return true;
+}
+
+void SparePool::drop_run(const caf::node_id& node, caf::actor_id id) {
+  std::lock_guard<std::mutex> guard(mtx_);
+  for (auto& [key, spare] : spares_)
+    if (!spare.owner && !spare.dropped && spare.trainer.node() == node && spare.trainer.id() == id) {
+      spare.dropped = true;
+      if (!spare.gone->load())
+        ::kill(spare.pid, SIGKILL); // its reaper reaps it and forgets it
+    }
+}
+
+size_t SparePool::unclaimed() const {
+  std::lock_guard<std::mutex> guard(mtx_);
+  size_t n = 0;
+  for (auto& [key, spare] : spares_)
+    n += spare.owner ? 0 : 1;
+  return n;
 }
 
 void SparePool::close() {
@@ -135,10 +155,15 @@ caf::behavior hub_actor(caf::stateful_actor<HubState>* self, std::shared_ptr<Spa
       if (i != st.launchers.end())
         rp.delegate(i->second, hello, key);
       else if (spares && spares->find(key, owner)) {
-        if (owner)
+        if (owner) {
           rp.delegate(owner, hello, key);
-        else
-          st.parked[key] = rp; // a spare waits for a restart
+        } else {
+          // A spare waits for a restart. Those whose spare is gone (dropped with its run)
+          // are forgotten: a node's hub outlives many runs.
+          for (auto p = st.parked.begin(); p != st.parked.end();)
+            p = spares->find(p->first, owner) ? std::next(p) : st.parked.erase(p);
+          st.parked[key] = rp;
+        }
       } else {
         rp.deliver(make_caf_error(Errc::bad_state,
                                   "this worker process's key is unknown to the run: it belongs "
@@ -281,7 +306,7 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpe
   std::shared_ptr<std::atomic<bool>> gone;
   std::optional<SparePool::Claimed> spare;
   if (st.hub.spares && !st.spec.spare_slot.empty())
-    spare = st.hub.spares->claim(st.spec.spare_slot, me);
+    spare = st.hub.spares->claim(st.spec.spare_slot, st.spec.assignment.trainer.address(), me);
   if (spare) {
     // A warm spare of this rank: loaded already, waiting for its hello's answer.
     st.pid = spare->pid;

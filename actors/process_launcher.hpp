@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <caf/actor.hpp>
+#include <caf/actor_addr.hpp>
 #include <caf/stateful_actor.hpp>
 
 #include "actors/messages.hpp"
@@ -90,14 +91,16 @@ void add_worker_process_message_types(caf::actor_system_config& cfg);
 
 struct LaunchSpec;
 
-/// The warm spare processes of a run on this machine (FailureConfig::warm_spares): at
-/// most one per slot (a rank of the run), started while the attempt trains. A spare is
-/// the program started as that rank's worker process would be, with a key of its own: it
-/// runs up to its TorchTrainer, says hello to the hub and waits there. A restart's
-/// launcher of the same slot claims it and answers its hello with the new attempt's
-/// assignment, so the restart skips the process start (loading the binary and its
-/// libraries, the program's code before fit). Shared by the run's hub and launchers (one
-/// process, hence a mutex); `close` kills the spares nobody claimed.
+/// The warm spare processes on this machine (FailureConfig::warm_spares): at most one
+/// per slot (a rank of a run) and run (its trainer), started while the attempt trains. A
+/// spare is the program started as that rank's worker process would be, with a key of
+/// its own: it runs up to its TorchTrainer, says hello to the hub and waits there. A
+/// restart's launcher of the same slot and run claims it and answers its hello with the
+/// new attempt's assignment, so the restart skips the process start (loading the binary
+/// and its libraries, the program's code before fit). Shared by a hub and its launchers
+/// (one process, hence a mutex): the driver's, for its run, or a node's, for every run
+/// that places ranks there. `drop_run` kills a run's unclaimed spares (a node's pool,
+/// when the head says the run is over), `close` every unclaimed one.
 class SparePool : public std::enable_shared_from_this<SparePool> {
  public:
   /// A spare taken over by a launcher, which now owns its reaper thread: the thread
@@ -114,13 +117,22 @@ class SparePool : public std::enable_shared_from_this<SparePool> {
   SparePool& operator=(const SparePool&) = delete;
   ~SparePool();
 
-  /// Starts a spare for `slot` from `spec` (its program, command line and environment,
-  /// with the spare's own key) unless the slot has one that is unclaimed and alive. The
-  /// pool must be owned by a shared_ptr.
+  /// Starts a spare for `slot` of the run of `spec` (its trainer) from `spec` (its
+  /// program, command line and environment, with the spare's own key) unless the slot has
+  /// one that is unclaimed and alive. The pool must be owned by a shared_ptr.
   void start(const std::string& slot, const LaunchSpec& spec);
 
-  /// Takes over the slot's unclaimed live spare for `owner`, if any.
-  std::optional<Claimed> claim(const std::string& slot, const caf::actor& owner);
+  /// Takes over the unclaimed live spare of `slot` of the run of `trainer` for `owner`,
+  /// if there is one.
+  std::optional<Claimed> claim(const std::string& slot, const caf::actor_addr& trainer,
+                               const caf::actor& owner);
+
+  /// Kills the unclaimed spares of the run whose trainer is actor `id` of `node` (its
+  /// end); the spares it claimed are its ranks' processes, stopped with them.
+  void drop_run(const caf::node_id& node, caf::actor_id id);
+
+  /// Unclaimed spares, alive or not yet reaped (for tests).
+  size_t unclaimed() const;
 
   /// Whether `key` is a spare's; `owner` is then set to its owner (invalid: unclaimed).
   bool find(const std::string& key, caf::actor& owner);
@@ -131,7 +143,9 @@ class SparePool : public std::enable_shared_from_this<SparePool> {
  private:
   struct Spare {
     std::string slot;
+    caf::actor_addr trainer;
     pid_t pid = -1;
+    bool dropped = false;
     caf::actor owner;
     std::shared_ptr<std::thread> reaper;
     std::shared_ptr<std::atomic<bool>> gone;

@@ -215,9 +215,6 @@ std::shared_ptr<RunSpec> make_run_spec(caf::actor_system& system, TrainFunc trai
     refuse(Errc::invalid_config, "this program is connected to a cluster (caftrain::connect), whose "
                                  "nodes run workers as processes; set ScalingConfig.worker_mode "
                                  "= \"process\"");
-  if (on_cluster && options.run.failure.warm_spares)
-    refuse(Errc::invalid_config, "FailureConfig.warm_spares: a cluster's nodes keep no spare worker "
-                                 "processes yet; unset it for runs on a cluster");
   validate(options, !on_cluster);
   auto spec = std::make_shared<RunSpec>();
   spec->train_func = std::move(train_func);

@@ -18,6 +18,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "actors/cluster.hpp"
@@ -60,6 +61,24 @@ class WaitForNodeKill : public Callback {
   std::string marker_;
 };
 
+/// Rank 1 of attempt 0, at global step `step`, after `delay_ms`, SIGKILLs its own
+/// process (as the OOM killer would); `step` < 0: never.
+class KillRank1 : public Callback {
+ public:
+  KillRank1(int64_t step, int64_t delay_ms) : step_(step), delay_ms_(delay_ms) {}
+  void on_train_batch_start(Trainer& t, LightningModule&, const Batch&, int64_t) override {
+    auto& ctx = train::get_context();
+    if (step_ < 0 || ctx.world_rank != 1 || ctx.attempt != 0 || t.global_step() != step_)
+      return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms_));
+    ::raise(SIGKILL);
+  }
+
+ private:
+  int64_t step_;
+  int64_t delay_ms_;
+};
+
 std::string env_or(const char* name, const char* fallback) {
   const char* v = std::getenv(name);
   return v ? v : fallback;
@@ -77,6 +96,12 @@ void train_func(const Config& c) {
       << " " << env_or("WORLD_SIZE", "-") << " " << env_or("LOCAL_WORLD_SIZE", "-") << " "
       << env_or("NODE_RANK", "-") << " " << ctx.node_rank << " " << ctx.local_rank << "\n";
   }
+  // Whether this process started as a warm spare (FailureConfig::warm_spares).
+  if (auto stamps = c.get<std::string>("stamps", ""); !stamps.empty()) {
+    auto& env = caftrain::detail::worker_process_env();
+    std::ofstream(stamps + "/a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank))
+      << ::getpid() << " " << (env && env->spare) << "\n";
+  }
   auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
   auto data = std::make_shared<data::TensorDataset>(torch::randn({192, 8}, gen),
                                                     torch::randint(0, 3, {192}, gen));
@@ -85,6 +110,7 @@ void train_func(const Config& c) {
                    .strategy = DDPStrategy({.broadcast_buffers = false}),
                    .plugins = {ActorEnvironment()},
                    .callbacks = {WaitForNodeKill(c.get<bool>("wait_for_kill", false) ? out + "/stuck" : ""),
+                                 KillRank1(c.get<int64_t>("kill_at_step", -1), c.get<int64_t>("kill_delay_ms", 0)),
                                  ReportCallback({.every_n_epochs = 0, .every_n_steps = 1, .checkpoint_every = 3})},
                    .logger = false,
                    .enable_progress_bar = false});
@@ -137,6 +163,27 @@ void check_none_left(const TorchTrainerOptions& o) {
     CAPTURE(entry.path().string(), pid);
     CHECK_FALSE(process_exists(pid));
   }
+}
+
+/// The live children of process `pid` (zombies excepted).
+std::vector<std::string> children_of(pid_t pid) {
+  std::vector<std::string> out;
+  auto parent = std::to_string(pid);
+  for (auto& entry : fs::directory_iterator("/proc")) {
+    std::ifstream f(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(f, line))
+      continue;
+    auto close = line.rfind(')'); // pid (comm) state ppid ...
+    if (close == std::string::npos)
+      continue;
+    std::istringstream rest(line.substr(close + 1));
+    std::string state, ppid;
+    rest >> state >> ppid;
+    if (ppid == parent && state != "Z")
+      out.push_back(entry.path().filename().string());
+  }
+  return out;
 }
 
 /// Waits for the rank that WaitForNodeKill holds to write its node's pid, SIGKILLs that
@@ -271,6 +318,70 @@ TEST_CASE("A node SIGKILLed mid-run is detected at once and the run ends on the 
   CHECK(r0[1] != r1[1]);
   check_none_left(faulty);
   CHECK(cluster->status(s.sys).nodes.size() == 2);
+}
+
+TEST_CASE("With warm spares a worker process SIGKILLed on a node restarts on the spare its node started, ends like an undisturbed run, and no spare outlives the run", "[cluster][spares]") {
+  test::TempDir dir;
+  auto threads = options(dir, "threads", "thread");
+  auto spared = options(dir, "spared", "process");
+  spared.run.failure.warm_spares = true;
+  spared.run.failure.max_failures = 1;
+  spared.train_loop_config.set("kill_at_step", int64_t{7});
+  spared.train_loop_config.set("kill_delay_ms", int64_t{2500}); // a node starts spares 1 s into a rank's run
+  auto stamps = dir / "stamps";
+  spared.train_loop_config.set("stamps", stamps);
+  Result by_threads, r;
+  {
+    System local; // not connected: threads of this process
+    if (!is_worker_process())
+      fs::create_directories(threads.train_loop_config.get<std::string>("out"));
+    by_threads = TorchTrainer(local.sys, train_func, threads).fit();
+  }
+  std::optional<Cluster> cluster;
+  System s;
+  if (!is_worker_process()) {
+    cluster.emplace(dir);
+    REQUIRE_FALSE(cluster->address.empty());
+    cluster->add_node("node-a", 1);
+    cluster->add_node("node-b", 1);
+    REQUIRE(cluster->connect_and_wait(s.sys, 2));
+    fs::create_directories(spared.train_loop_config.get<std::string>("out"));
+    fs::create_directories(stamps);
+  }
+  r = TorchTrainer(s.sys, train_func, spared).fit();
+  REQUIRE(by_threads.ok());
+  INFO((r.error ? r.error->message : ""));
+  REQUIRE(r.ok());
+  CHECK(r.attempts == 2);
+  REQUIRE(r.metrics_history.size() == 12);
+  test::check_same_weights(by_threads, r);
+  // Each rank ran on the same node in both attempts, and attempt 1 took over the spare
+  // that node had started for it.
+  for (int rank : {0, 1}) {
+    auto before = where(spared, 0, rank), after = where(spared, 1, rank);
+    REQUIRE(before.size() == 9);
+    REQUIRE(after.size() == 9);
+    CAPTURE(rank);
+    CHECK(before[1] == after[1]);
+    for (int attempt : {0, 1}) {
+      std::ifstream f(stamps + "/a" + std::to_string(attempt) + "-r" + std::to_string(rank));
+      std::string pid, spare;
+      f >> pid >> spare;
+      CAPTURE(attempt, pid);
+      CHECK(spare == (attempt == 0 ? "0" : "1"));
+    }
+  }
+  check_none_left(spared);
+  // The spares the nodes started for attempt 1's ranks went when the run ended.
+  auto deadline = Clock::now() + std::chrono::seconds(5);
+  auto left = [&] {
+    auto a = children_of(cluster->node_pid("node-a")), b = children_of(cluster->node_pid("node-b"));
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  while (!left().empty() && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(left().empty());
 }
 
 TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as messages and fetch the one they resume from; after a node's loss the run ends with the weights of an undisturbed run", "[cluster][storage]") {
