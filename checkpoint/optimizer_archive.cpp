@@ -77,16 +77,20 @@ std::vector<char> optimizers_bytes(const std::vector<std::shared_ptr<o::Optimize
 namespace {
 
 // Each kind's state with its tensors replaced by copies (TensorCopies, under `key`).
-void copy_tensors(o::AdamParamState& s, const std::string& key, TensorCopies& c) {
+/// Adam's and AdamW's states (two types with the same fields).
+template <class AdamState>
+void copy_adam_tensors(AdamState& s, const std::string& key, TensorCopies& c) {
   s.exp_avg(c.copy(key + "/exp_avg", s.exp_avg()));
   s.exp_avg_sq(c.copy(key + "/exp_avg_sq", s.exp_avg_sq()));
   s.max_exp_avg_sq(c.copy(key + "/max_exp_avg_sq", s.max_exp_avg_sq()));
 }
 
+void copy_tensors(o::AdamParamState& s, const std::string& key, TensorCopies& c) {
+  copy_adam_tensors(s, key, c);
+}
+
 void copy_tensors(o::AdamWParamState& s, const std::string& key, TensorCopies& c) {
-  s.exp_avg(c.copy(key + "/exp_avg", s.exp_avg()));
-  s.exp_avg_sq(c.copy(key + "/exp_avg_sq", s.exp_avg_sq()));
-  s.max_exp_avg_sq(c.copy(key + "/max_exp_avg_sq", s.max_exp_avg_sq()));
+  copy_adam_tensors(s, key, c);
 }
 
 void copy_tensors(o::SGDParamState& s, const std::string& key, TensorCopies& c) {

@@ -18,13 +18,13 @@
 #include <fstream>
 #include <map>
 #include <set>
-#include <sstream>
 #include <thread>
 
 #include "actors/cluster.hpp"
 #include "core/subprocess.hpp"
 #include "helpers.hpp"
 #include "local_cluster.hpp"
+#include "process_tree.hpp"
 
 using namespace caftrain;
 using Catch::Matchers::Contains;
@@ -165,27 +165,6 @@ void check_none_left(const TorchTrainerOptions& o) {
   }
 }
 
-/// The live children of process `pid` (zombies excepted).
-std::vector<std::string> children_of(pid_t pid) {
-  std::vector<std::string> out;
-  auto parent = std::to_string(pid);
-  for (auto& entry : fs::directory_iterator("/proc")) {
-    std::ifstream f(entry.path() / "stat");
-    std::string line;
-    if (!std::getline(f, line))
-      continue;
-    auto close = line.rfind(')'); // pid (comm) state ppid ...
-    if (close == std::string::npos)
-      continue;
-    std::istringstream rest(line.substr(close + 1));
-    std::string state, ppid;
-    rest >> state >> ppid;
-    if (ppid == parent && state != "Z")
-      out.push_back(entry.path().filename().string());
-  }
-  return out;
-}
-
 /// Waits for the rank that WaitForNodeKill holds to write its node's pid, SIGKILLs that
 /// node and returns its pid.
 std::string kill_stuck_node(const TorchTrainerOptions& o) {
@@ -200,30 +179,39 @@ std::string kill_stuck_node(const TorchTrainerOptions& o) {
   return node_pid;
 }
 
+/// The run of `o` on threads of this process (a system connected to no cluster).
+Result run_on_threads(const TorchTrainerOptions& o) {
+  System local;
+  if (!is_worker_process())
+    fs::create_directories(o.train_loop_config.get<std::string>("out"));
+  return TorchTrainer(local.sys, train_func, o).fit();
+}
+
+/// In the driver (not in its worker processes): a head and the nodes "node-a" and
+/// "node-b" of 1 CPU each into `cluster`, `s` connected to it, and `o`'s out directory.
+void start_two_nodes(std::optional<Cluster>& cluster, const test::TempDir& dir, System& s,
+                     const TorchTrainerOptions& o) {
+  if (is_worker_process())
+    return;
+  cluster.emplace(dir);
+  REQUIRE_FALSE(cluster->address.empty());
+  cluster->add_node("node-a", 1);
+  cluster->add_node("node-b", 1);
+  REQUIRE(cluster->connect_and_wait(s.sys, 2));
+  fs::create_directories(o.train_loop_config.get<std::string>("out"));
+}
+
 } // namespace
 
 TEST_CASE("A head and two nodes run a 2-worker DDP run across both nodes and end with the weights of thread workers", "[cluster]") {
   test::TempDir dir;
   auto threads = options(dir, "threads", "thread");
   auto spread = options(dir, "spread", "process");
-  Result by_threads, by_cluster;
-  {
-    System local; // not connected: threads of this process
-    if (!is_worker_process())
-      fs::create_directories(threads.train_loop_config.get<std::string>("out"));
-    by_threads = TorchTrainer(local.sys, train_func, threads).fit();
-  }
+  auto by_threads = run_on_threads(threads);
   std::optional<Cluster> cluster;
   System s;
-  if (!is_worker_process()) {
-    cluster.emplace(dir);
-    REQUIRE_FALSE(cluster->address.empty());
-    cluster->add_node("node-a", 1);
-    cluster->add_node("node-b", 1);
-    REQUIRE(cluster->connect_and_wait(s.sys, 2));
-    fs::create_directories(spread.train_loop_config.get<std::string>("out"));
-  }
-  by_cluster = TorchTrainer(s.sys, train_func, spread).fit();
+  start_two_nodes(cluster, dir, s, spread);
+  auto by_cluster = TorchTrainer(s.sys, train_func, spread).fit();
   INFO((by_cluster.error ? by_cluster.error->message : ""));
   REQUIRE(by_threads.ok());
   REQUIRE(by_cluster.ok());
@@ -330,25 +318,13 @@ TEST_CASE("With warm spares a worker process SIGKILLed on a node restarts on the
   spared.train_loop_config.set("kill_delay_ms", int64_t{2500}); // a node starts spares 1 s into a rank's run
   auto stamps = dir / "stamps";
   spared.train_loop_config.set("stamps", stamps);
-  Result by_threads, r;
-  {
-    System local; // not connected: threads of this process
-    if (!is_worker_process())
-      fs::create_directories(threads.train_loop_config.get<std::string>("out"));
-    by_threads = TorchTrainer(local.sys, train_func, threads).fit();
-  }
+  auto by_threads = run_on_threads(threads);
   std::optional<Cluster> cluster;
   System s;
-  if (!is_worker_process()) {
-    cluster.emplace(dir);
-    REQUIRE_FALSE(cluster->address.empty());
-    cluster->add_node("node-a", 1);
-    cluster->add_node("node-b", 1);
-    REQUIRE(cluster->connect_and_wait(s.sys, 2));
-    fs::create_directories(spared.train_loop_config.get<std::string>("out"));
+  start_two_nodes(cluster, dir, s, spared);
+  if (!is_worker_process())
     fs::create_directories(stamps);
-  }
-  r = TorchTrainer(s.sys, train_func, spared).fit();
+  auto r = TorchTrainer(s.sys, train_func, spared).fit();
   REQUIRE(by_threads.ok());
   INFO((r.error ? r.error->message : ""));
   REQUIRE(r.ok());
@@ -375,7 +351,7 @@ TEST_CASE("With warm spares a worker process SIGKILLed on a node restarts on the
   // The spares the nodes started for attempt 1's ranks went when the run ended.
   auto deadline = Clock::now() + std::chrono::seconds(5);
   auto left = [&] {
-    auto a = children_of(cluster->node_pid("node-a")), b = children_of(cluster->node_pid("node-b"));
+    auto a = test::children_of(cluster->node_pid("node-a")), b = test::children_of(cluster->node_pid("node-b"));
     a.insert(a.end(), b.begin(), b.end());
     return a;
   };

@@ -16,11 +16,11 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "core/subprocess.hpp"
 #include "helpers.hpp"
+#include "process_tree.hpp"
 
 using namespace caftrain;
 using Catch::Matchers::Contains;
@@ -160,27 +160,6 @@ std::vector<std::string> where(const TorchTrainerOptions& o, int attempt, int ra
   return words;
 }
 
-/// The processes whose parent is this one.
-std::vector<std::string> children() {
-  std::vector<std::string> out;
-  auto me = std::to_string(::getpid());
-  for (auto& entry : fs::directory_iterator("/proc")) {
-    std::ifstream f(entry.path() / "stat");
-    std::string line;
-    if (!std::getline(f, line))
-      continue;
-    auto close = line.rfind(')'); // pid (comm) state ppid ...
-    if (close == std::string::npos)
-      continue;
-    std::istringstream rest(line.substr(close + 1));
-    std::string state, ppid;
-    rest >> state >> ppid;
-    if (ppid == me && state != "Z")
-      out.push_back(entry.path().filename().string());
-  }
-  return out;
-}
-
 /// Every worker process that wrote a file in `o`'s out directory is gone.
 void check_none_left(const TorchTrainerOptions& o) {
   for (auto& entry : fs::directory_iterator(o.train_loop_config.get<std::string>("out"))) {
@@ -301,9 +280,9 @@ TEST_CASE("With warm spares a SIGKILLed worker process's run restarts on spare p
   check_none_left(o);
   // The spares kept for attempt 1's ranks went with the run.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (!children().empty() && std::chrono::steady_clock::now() < deadline)
+  while (!test::children_of(::getpid()).empty() && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  CHECK(children().empty());
+  CHECK(test::children_of(::getpid()).empty());
   // Spares are for worker processes.
   auto threads = options(dir, "spare-threads", "thread");
   threads.run.failure.warm_spares = true;
