@@ -105,14 +105,6 @@ void SparePool::drop_run(const caf::node_id& node, caf::actor_id id) {
     }
 }
 
-size_t SparePool::unclaimed() const {
-  std::lock_guard<std::mutex> guard(mtx_);
-  size_t n = 0;
-  for (auto& [key, spare] : spares_)
-    n += spare.owner ? 0 : 1;
-  return n;
-}
-
 void SparePool::close() {
   std::vector<std::shared_ptr<std::thread>> reapers;
   {

@@ -131,8 +131,6 @@ class SparePool : public std::enable_shared_from_this<SparePool> {
   /// end); the spares it claimed are its ranks' processes, stopped with them.
   void drop_run(const caf::node_id& node, caf::actor_id id);
 
-  /// Unclaimed spares, alive or not yet reaped (for tests).
-  size_t unclaimed() const;
 
   /// Whether `key` is a spare's; `owner` is then set to its owner (invalid: unclaimed).
   bool find(const std::string& key, caf::actor& owner);
