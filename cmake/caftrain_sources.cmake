@@ -34,6 +34,7 @@ set(CAFTRAIN_SOURCES
   strategies/ddp_strategy.cpp
   strategies/flat_shard.cpp
   strategies/fsdp_strategy.cpp
+  strategies/gradient_reducer.cpp
   strategies/sharded_strategy.cpp
   strategies/zero_strategy.cpp
   strategies/registry.cpp

@@ -1,16 +1,13 @@
 #include "strategies/ddp_strategy.hpp"
 
-#include <mutex>
 #include <set>
 #include <sstream>
 
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
 
 #include "core/error.hpp"
 #include "environment/cluster_environment.hpp"
+#include "strategies/gradient_reducer.hpp"
 
 namespace caftrain {
 
@@ -23,24 +20,6 @@ std::string shape_string(c10::ArrayRef<int64_t> sizes) {
   os << sizes;
   return os.str();
 }
-
-/// Calls back into the reducer after a parameter's gradient has been accumulated.
-class ReadyHook : public torch::autograd::FunctionPostHook {
- public:
-  ReadyHook(DDPStrategy* owner, size_t index) : owner_(owner), index_(index) {
-    // nop
-  }
-
-  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
-                                            const torch::autograd::variable_list&) override {
-    owner_->mark_ready(index_);
-    return outputs;
-  }
-
- private:
-  DDPStrategy* owner_;
-  size_t index_;
-};
 
 } // namespace
 
@@ -124,77 +103,6 @@ void broadcast_module_state(torch::nn::Module& module, Communicator& comm, bool 
   }
 }
 
-// -- the reducer --------------------------------------------------------------------------
-
-struct DDPStrategy::Reducer {
-  struct Bucket {
-    at::Tensor flat;
-    std::vector<size_t> members;
-    std::vector<int64_t> offsets;
-    size_t pending = 0;
-    bool launched = false;
-    std::shared_ptr<Work> work;
-  };
-
-  std::shared_ptr<Communicator> comm;
-  std::vector<at::Tensor> params;
-  std::vector<std::string> names;
-  std::vector<at::Tensor> views;
-  std::vector<size_t> bucket_of;
-  std::vector<bool> ready;
-  /// Per parameter: a gradient arrived since the last synchronisation (no_sync
-  /// micro-batches included); with find_unused_parameters, the ranks agree on it.
-  std::vector<bool> used;
-  std::vector<Bucket> buckets;
-  size_t next_launch = 0;
-  bool step_active = false;
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
-  std::vector<uintptr_t> hook_keys;
-  std::mutex mtx;
-
-  void reset_step() {
-    for (auto& b : buckets) {
-      b.pending = b.members.size();
-      b.launched = false;
-      b.work.reset();
-    }
-    std::fill(ready.begin(), ready.end(), false);
-    std::fill(used.begin(), used.end(), false);
-    next_launch = 0;
-    step_active = false;
-  }
-
-  void launch_ready_buckets() {
-    while (next_launch < buckets.size() && buckets[next_launch].pending == 0) {
-      auto& b = buckets[next_launch];
-      b.work = comm->allreduce(b.flat, ReduceOp::avg);
-      b.launched = true;
-      ++next_launch;
-    }
-  }
-
-  void mark(size_t index) {
-    if (ready[index])
-      throw Error(Errc::invalid_argument,
-                  "DDP: parameter '" + names[index] +
-                    "' received its gradient twice in one backward pass; DDP reduces each "
-                    "parameter once per step");
-    // If someone replaced .grad (e.g. set it to None), fold it back into the bucket view.
-    auto& p = params[index];
-    auto grad = p.grad();
-    if (grad.defined() && grad.data_ptr() != views[index].data_ptr()) {
-      views[index].copy_(grad);
-      p.mutable_grad() = views[index];
-    }
-    ready[index] = true;
-    step_active = true;
-    auto& b = buckets[bucket_of[index]];
-    --b.pending;
-    if (b.pending == 0)
-      launch_ready_buckets();
-  }
-};
-
 DDPStrategy::DDPStrategy(DDPOptions options) : options_(options) {
   if (options_.bucket_cap_mb <= 0 || options_.first_bucket_cap_mb <= 0)
     throw Error(Errc::invalid_config, "DDPStrategy: bucket caps must be positive");
@@ -220,82 +128,30 @@ void DDPStrategy::setup(torch::nn::Module& module, std::shared_ptr<ClusterEnviro
     return; // one rank: nothing to synchronise
   verify_same_parameters(module, *communicator_);
   broadcast_module_state(module, *communicator_);
-  auto r = std::make_unique<Reducer>();
-  r->comm = communicator_;
+  std::vector<at::Tensor> params;
+  std::vector<std::string> names;
   for (auto& item : module.named_parameters()) {
     if (!item.value().requires_grad())
       continue;
-    r->params.push_back(item.value());
-    r->names.push_back(item.key());
+    params.push_back(item.value());
+    names.push_back(item.key());
   }
-  auto n = r->params.size();
-  r->views.resize(n);
-  r->bucket_of.resize(n);
-  r->ready.assign(n, false);
-  r->used.assign(n, false);
-  // Reverse registration order; a new bucket when the cap is reached or the dtype changes.
-  std::vector<std::vector<size_t>> groups;
-  double bytes = 0;
-  c10::ScalarType type = c10::ScalarType::Undefined;
-  for (size_t k = n; k-- > 0;) {
-    auto& p = r->params[k];
-    double cap = (groups.size() <= 1 ? options_.first_bucket_cap_mb : options_.bucket_cap_mb) * kMiB;
-    auto size = static_cast<double>(p.numel() * p.element_size());
-    if (groups.empty() || p.scalar_type() != type || (bytes > 0 && bytes + size > cap)) {
-      groups.emplace_back();
-      bytes = 0;
-      type = p.scalar_type();
-    }
-    groups.back().push_back(k);
-    bytes += size;
-  }
-  torch::NoGradGuard no_grad;
-  for (size_t b = 0; b < groups.size(); ++b) {
-    Reducer::Bucket bucket;
-    int64_t numel = 0;
-    for (auto k : groups[b])
-      numel += r->params[k].numel();
-    bucket.flat = torch::zeros({numel}, r->params[groups[b].front()].options().requires_grad(false));
-    int64_t offset = 0;
-    for (auto k : groups[b]) {
-      auto& p = r->params[k];
-      auto view = bucket.flat.narrow(0, offset, p.numel()).view(p.sizes());
-      if (p.grad().defined())
-        view.copy_(p.grad());
-      p.mutable_grad() = view; // gradients accumulate straight into the bucket
-      r->views[k] = view;
-      r->bucket_of[k] = b;
-      bucket.members.push_back(k);
-      bucket.offsets.push_back(offset);
-      offset += p.numel();
-    }
-    r->buckets.push_back(std::move(bucket));
-  }
-  for (size_t k = 0; k < n; ++k) {
-    auto acc = torch::autograd::impl::grad_accumulator(r->params[k]);
-    r->hook_keys.push_back(acc->add_post_hook(std::make_unique<ReadyHook>(this, k)));
-    r->accumulators.push_back(std::move(acc));
-  }
-  r->reset_step();
-  reducer_ = std::move(r);
+  // Buckets of contiguous gradients, each averaged with one all-reduce.
+  auto buckets = contiguous_buckets(params, plan_buckets(params, options_.first_bucket_cap_mb * kMiB,
+                                                         options_.bucket_cap_mb * kMiB));
+  GradientReducer::Policy policy;
+  policy.label = "DDP";
+  policy.persistent = true;
+  policy.find_unused = options_.find_unused_parameters;
+  auto comm = communicator_;
+  reducer_ = std::make_unique<GradientReducer>(
+    std::move(params), std::move(names), std::move(buckets), policy, communicator_, sync_enabled_,
+    [comm](size_t, at::Tensor& buffer) { return comm->allreduce(buffer, ReduceOp::avg); });
 }
 
 void DDPStrategy::teardown() {
-  if (reducer_) {
-    for (size_t k = 0; k < reducer_->accumulators.size(); ++k)
-      reducer_->accumulators[k]->del_post_hook(reducer_->hook_keys[k]);
-    reducer_.reset();
-  }
+  reducer_.reset(); // removes the hooks
   Strategy::teardown();
-}
-
-void DDPStrategy::mark_ready(size_t index) {
-  if (!reducer_)
-    return;
-  std::lock_guard<std::mutex> guard(reducer_->mtx);
-  reducer_->used[index] = true;
-  if (sync_enabled_) // else accumulating locally (no_sync)
-    reducer_->mark(index);
 }
 
 void DDPStrategy::before_training_step() {
@@ -304,72 +160,8 @@ void DDPStrategy::before_training_step() {
 }
 
 void DDPStrategy::finish_gradient_sync() {
-  if (!reducer_ || !sync_enabled_)
-    return;
-  auto& r = *reducer_;
-  std::unique_lock<std::mutex> guard(r.mtx);
-  if (!r.step_active)
-    return; // no backward since the last step
-  if (r.next_launch < r.buckets.size()) {
-    std::vector<std::string> unused;
-    for (size_t k = 0; k < r.params.size(); ++k)
-      if (!r.ready[k])
-        unused.push_back(r.names[k]);
-    if (!options_.find_unused_parameters) {
-      std::string list;
-      for (size_t i = 0; i < unused.size() && i < 5; ++i)
-        list += (i ? ", " : "") + unused[i];
-      r.reset_step();
-      throw Error(Errc::invalid_argument,
-                  "DDP: parameter(s) " + list + " received no gradient in this step (" +
-                    std::to_string(unused.size()) +
-                    " in all); make every parameter contribute to the loss or use "
-                    "DDPStrategy({.find_unused_parameters = true})");
-    }
-    for (size_t k = 0; k < r.params.size(); ++k)
-      if (!r.ready[k])
-        r.mark(k);
-  }
-  // Which parameters got a gradient on some rank: one small all-reduce after every
-  // bucket's (the same order on every rank), as PyTorch DDP's find_unused_parameters.
-  std::shared_ptr<Work> usage_work;
-  at::Tensor usage;
-  if (options_.find_unused_parameters && !r.params.empty()) {
-    auto local = torch::zeros({static_cast<int64_t>(r.params.size())}, torch::kFloat);
-    for (size_t k = 0; k < r.params.size(); ++k)
-      local[static_cast<int64_t>(k)] = r.used[k] ? 1.0f : 0.0f;
-    usage = local.to(r.params.front().device());
-    usage_work = r.comm->allreduce(usage, ReduceOp::sum);
-  }
-  guard.unlock();
-  std::exception_ptr failure;
-  for (auto& b : r.buckets) {
-    try {
-      b.work->wait();
-    } catch (...) {
-      if (!failure)
-        failure = std::current_exception();
-    }
-  }
-  try {
-    if (usage_work)
-      usage_work->wait();
-  } catch (...) {
-    if (!failure)
-      failure = std::current_exception();
-  }
-  guard.lock();
-  if (usage.defined() && !failure) {
-    // A parameter no rank used keeps no gradient, so that optimizers (and their weight
-    // decay) skip it; its bucket slot, reduced as zeros, is left behind until it is used.
-    auto global = usage.cpu();
-    for (size_t k = 0; k < r.params.size(); ++k)
-      if (global[static_cast<int64_t>(k)].item<float>() == 0.0f)
-        r.params[k].mutable_grad().reset();
-  }
-  r.reset_step();
-  if (failure)
-    std::rethrow_exception(failure);
+  if (reducer_ && sync_enabled_)
+    reducer_->finish();
 }
 
 void DDPStrategy::zero_grad(torch::optim::Optimizer& optimizer) {
@@ -383,31 +175,28 @@ void DDPStrategy::zero_grad(torch::optim::Optimizer& optimizer) {
     for (auto& p : group.params())
       mine.insert(p.unsafeGetTensorImpl());
   torch::NoGradGuard no_grad;
-  auto& r = *reducer_;
-  for (size_t k = 0; k < r.params.size(); ++k)
-    if (mine.count(r.params[k].unsafeGetTensorImpl()))
-      r.views[k].zero_();
+  auto& params = reducer_->params();
+  for (size_t k = 0; k < params.size(); ++k)
+    if (mine.count(params[k].unsafeGetTensorImpl()))
+      reducer_->view(k).zero_();
 }
 
 MemoryStats DDPStrategy::memory_stats() const {
   auto stats = Strategy::memory_stats();
-  if (reducer_) {
-    stats.gradient_bytes = 0;
-    for (auto& b : reducer_->buckets)
-      stats.gradient_bytes += static_cast<int64_t>(b.flat.nbytes());
-  }
+  if (reducer_)
+    stats.gradient_bytes = reducer_->buffer_bytes();
   return stats;
 }
 
 size_t DDPStrategy::num_buckets() const {
-  return reducer_ ? reducer_->buckets.size() : 0;
+  return reducer_ ? reducer_->num_buckets() : 0;
 }
 
 std::vector<std::vector<size_t>> DDPStrategy::bucket_assignment() const {
   std::vector<std::vector<size_t>> result;
   if (reducer_)
-    for (auto& b : reducer_->buckets)
-      result.push_back(b.members);
+    for (size_t b = 0; b < reducer_->num_buckets(); ++b)
+      result.push_back(reducer_->bucket(b).members);
   return result;
 }
 

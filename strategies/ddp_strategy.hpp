@@ -10,6 +10,8 @@
 
 namespace caftrain {
 
+class GradientReducer;
+
 /// Options of `DDPStrategy`; defaults are PyTorch DDP's.
 struct DDPOptions {
   /// Cap of a gradient bucket in MiB (c10d's kDefaultBucketBytesCap). Default 25.
@@ -30,11 +32,10 @@ struct DDPOptions {
 /// At setup every rank checks that its parameters have the same shapes as rank 0's and
 /// takes rank 0's parameters and buffers. Gradients live in flat buckets (parameters in
 /// reverse registration order, the order backward produces them; first bucket small so
-/// communication starts early). A hook on each parameter's gradient accumulator marks it
-/// ready; a full bucket is averaged with an asynchronous all-reduce while backward goes
-/// on. Buckets are launched strictly in index order, on every rank alike: collectives
-/// must be issued in the same order everywhere, and readiness order may differ between
-/// ranks. While gradient sync is off (accumulation) gradients just accumulate locally.
+/// communication starts early). A full bucket is averaged with an asynchronous all-reduce
+/// while backward goes on (`GradientReducer`, the mechanism ZeRO and FSDP share, with
+/// persistent buckets and all-reduce as its policy). While gradient sync is off
+/// (accumulation) gradients just accumulate locally.
 class DDPStrategy : public Strategy {
  public:
   explicit DDPStrategy(DDPOptions options = {});
@@ -64,14 +65,9 @@ class DDPStrategy : public Strategy {
   /// Parameter indices of each bucket, in bucket order (after setup).
   std::vector<std::vector<size_t>> bucket_assignment() const;
 
-  /// Internal: called by a gradient-accumulator hook when parameter `index` is ready.
-  void mark_ready(size_t index);
-
  private:
-  struct Reducer;
-
   DDPOptions options_;
-  std::unique_ptr<Reducer> reducer_;
+  std::unique_ptr<GradientReducer> reducer_;
 };
 
 /// Checks that every rank's parameters have rank 0's names and shapes; throws

@@ -5,9 +5,6 @@
 #include <map>
 #include <set>
 
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/function_hook.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/torch.h>
 
 #include "checkpoint/files.hpp"
@@ -16,26 +13,11 @@
 #include "core/error.hpp"
 #include "environment/cluster_environment.hpp"
 #include "strategies/ddp_strategy.hpp"
+#include "strategies/gradient_reducer.hpp"
 
 namespace caftrain {
 
 namespace {
-
-/// Calls back into the strategy once a parameter's gradient has been accumulated.
-class ShardHook : public torch::autograd::FunctionPostHook {
- public:
-  ShardHook(ShardedStrategy* owner, size_t index) : owner_(owner), index_(index) {}
-
-  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
-                                            const torch::autograd::variable_list&) override {
-    owner_->on_gradient(index_);
-    return outputs;
-  }
-
- private:
-  ShardedStrategy* owner_;
-  size_t index_;
-};
 
 /// Per-parameter state (full shape) of a parameter by name; null when it has none.
 using StateLookup = std::function<const std::map<std::string, at::Tensor>*(const std::string&)>;
@@ -78,6 +60,7 @@ void install_shard_state(torch::optim::Optimizer& optimizer, const FlatShard& fl
 
 } // namespace
 
+ShardedStrategy::ShardedStrategy() = default;
 ShardedStrategy::~ShardedStrategy() = default;
 
 std::string ShardedStrategy::label() const {
@@ -97,13 +80,8 @@ void ShardedStrategy::setup(torch::nn::Module& module,
   flats_.clear();
   owners_.clear();
   group_names_.clear();
-  params_.clear();
   slots_.clear();
-  ready_.clear();
-  pending_.clear();
-  grad_buffers_.clear();
   grad_outputs_.clear();
-  works_.clear();
   transient_ = 0;
   peak_transient_ = 0;
   Strategy::setup(module, std::move(environment), device);
@@ -180,42 +158,46 @@ void ShardedStrategy::setup_optimizers(
       throw Error(Errc::invalid_config,
                   label() + ": parameter '" + item.key() +
                     "' is in no optimizer; freeze it (requires_grad false) or optimize it");
-  // Global parameter index -> (flat, entry); gradient buffers; hooks.
-  pending_.assign(flats_.size(), 0);
-  grad_buffers_.assign(flats_.size(), at::Tensor());
-  grad_outputs_.assign(flats_.size(), at::Tensor());
-  works_.assign(flats_.size(), nullptr);
-  unused_.clear();
-  torch::NoGradGuard no_grad;
+  // One reducer bucket per flat, laid out as the flat (padding included): reduce-scattered
+  // into the shards (all-reduced under NO_SHARD), the full gradients persistent (ZeRO-1)
+  // or transient (ZeRO-2, FSDP).
+  std::vector<at::Tensor> params;
+  std::vector<std::string> param_names;
+  std::vector<GradientReducer::Bucket> buckets;
   for (size_t f = 0; f < flats_.size(); ++f) {
     auto& flat = *flats_[f];
-    if (persistent_gradients())
-      grad_buffers_[f] = torch::zeros({flat.padded()}, flat.full().options());
+    GradientReducer::Bucket bucket;
+    bucket.size = flat.padded();
+    bucket.options = flat.full().options();
     for (size_t e = 0; e < flat.params().size(); ++e) {
-      auto& p = flat.params()[e];
-      if (persistent_gradients()) {
-        auto& entry = flat.entries()[e];
-        p.mutable_grad() = grad_buffers_[f].narrow(0, entry.offset, entry.numel).view(entry.shape);
-      }
-      params_.push_back(p);
+      bucket.members.push_back(params.size());
+      bucket.offsets.push_back(flat.entries()[e].offset);
+      params.push_back(flat.params()[e]);
+      param_names.push_back(flat.entries()[e].name);
       slots_.push_back({f, e});
     }
+    buckets.push_back(std::move(bucket));
   }
-  ready_.assign(params_.size(), false);
-  used_.assign(params_.size(), false);
-  for (size_t i = 0; i < params_.size(); ++i) {
-    auto acc = torch::autograd::impl::grad_accumulator(params_[i]);
-    hook_keys_.push_back(acc->add_post_hook(std::make_unique<ShardHook>(this, i)));
-    accumulators_.push_back(std::move(acc));
-  }
-  reset_step();
+  grad_outputs_.assign(flats_.size(), at::Tensor());
+  GradientReducer::Policy policy;
+  policy.label = label();
+  policy.persistent = persistent_gradients();
+  policy.find_unused = true; // the step then leaves parameters no rank used alone
+  policy.in_flight = kInFlight;
+  reducer_ = std::make_unique<GradientReducer>(
+    std::move(params), std::move(param_names), std::move(buckets), policy, communicator_,
+    sync_enabled_, [this](size_t f, at::Tensor& buffer) { return launch(f, buffer); },
+    [this](size_t f, at::Tensor& buffer) { fold(f, buffer); },
+    [this](int64_t bytes) {
+      if (bytes > 0)
+        add_transient(bytes);
+      else
+        transient_ += bytes;
+    });
 }
 
 void ShardedStrategy::teardown() {
-  for (size_t i = 0; i < accumulators_.size(); ++i)
-    accumulators_[i]->del_post_hook(hook_keys_[i]);
-  accumulators_.clear();
-  hook_keys_.clear();
+  reducer_.reset(); // removes the hooks
   Strategy::teardown();
 }
 
@@ -224,124 +206,34 @@ void ShardedStrategy::before_training_step() {
     broadcast_module_state(*module_, *communicator_, false, true);
 }
 
-void ShardedStrategy::reset_step() {
-  for (size_t f = 0; f < flats_.size(); ++f)
-    pending_[f] = flats_[f]->params().size();
-  std::fill(ready_.begin(), ready_.end(), false);
-  std::fill(works_.begin(), works_.end(), nullptr);
-  next_launch_ = 0;
-  next_fold_ = 0;
-  step_active_ = false;
-}
-
-void ShardedStrategy::on_gradient(size_t index) {
-  {
-    std::lock_guard<std::mutex> guard(mtx_);
-    used_[index] = true;
-  }
-  if (sync_enabled_) {
-    mark_ready(index);
-    return;
-  }
-  // Inside an accumulation window (no_sync): nothing is communicated until its last
-  // micro-batch. Persistent gradients accumulate in the parameters' .grad (views of the
-  // flat gradient); transient ones in a full flat gradient kept for the window, as
-  // PyTorch FSDP's no_sync keeps unsharded gradients.
+std::shared_ptr<Work> ShardedStrategy::launch(size_t f, at::Tensor& buffer) {
+  auto& flat = *flats_[f];
+  if (!communicator_ || communicator_->size() == 1)
+    return nullptr; // one rank: the buffer is already the average
+  if (replicate())
+    return communicator_->allreduce(buffer, ReduceOp::avg);
   if (persistent_gradients())
-    return;
-  std::lock_guard<std::mutex> guard(mtx_);
-  auto [f, e] = slots_[index];
-  auto& p = params_[index];
-  if (!p.grad().defined())
-    return;
-  torch::NoGradGuard no_grad;
-  accumulate_into_buffer(f, e, p.grad());
-  p.mutable_grad().reset();
+    return communicator_->reduce_scatter(buffer, flat.shard_grad(), ReduceOp::avg);
+  // The reducer folded the flats kInFlight places back before this one launches, so
+  // FSDP's peak (these, the next flat's buffer filling up, and the gathered units) stays
+  // under its at-rest saving.
+  grad_outputs_[f] = torch::empty({flat.shard_size()}, flat.full().options());
+  add_transient(flat.shard_size_bytes());
+  return communicator_->reduce_scatter(buffer, grad_outputs_[f], ReduceOp::avg);
 }
 
-void ShardedStrategy::accumulate_into_buffer(size_t f, size_t e, const at::Tensor& grad) {
+void ShardedStrategy::fold(size_t f, at::Tensor& buffer) {
   auto& flat = *flats_[f];
-  if (!grad_buffers_[f].defined()) {
-    grad_buffers_[f] = torch::zeros({flat.padded()}, flat.full().options());
-    add_transient(flat.full_bytes());
-  }
-  if (!grad.defined())
-    return; // the buffer exists now: the entry counts as zeros
-  auto& entry = flat.entries()[e];
-  grad_buffers_[f].narrow(0, entry.offset, entry.numel).add_(grad.reshape({-1}));
-}
-
-void ShardedStrategy::mark_ready(size_t index) {
-  std::lock_guard<std::mutex> guard(mtx_);
-  if (ready_[index])
-    throw Error(Errc::invalid_argument, label() + ": a parameter received its gradient twice in "
-                                                  "one backward pass");
-  auto [f, e] = slots_[index];
-  auto& flat = *flats_[f];
-  auto& entry = flat.entries()[e];
-  auto& p = params_[index];
+  bool local = !communicator_ || communicator_->size() == 1 || replicate();
   torch::NoGradGuard no_grad;
+  auto own = [&] { return buffer.narrow(0, flat.rank() * flat.shard_size(), flat.shard_size()); };
   if (persistent_gradients()) {
-    auto view = grad_buffers_[f].narrow(0, entry.offset, entry.numel).view(entry.shape);
-    if (p.grad().defined() && p.grad().data_ptr() != view.data_ptr()) {
-      view.copy_(p.grad());
-      p.mutable_grad() = view;
-    }
-  } else {
-    // The buffer may already hold this window's earlier micro-batches (no_sync).
-    accumulate_into_buffer(f, e, p.grad());
-    p.mutable_grad().reset(); // the full gradient lives only until its flat is reduced
-  }
-  ready_[index] = true;
-  step_active_ = true;
-  if (--pending_[f] == 0)
-    launch_ready();
-}
-
-void ShardedStrategy::launch_ready() {
-  while (next_launch_ < flats_.size() && pending_[next_launch_] == 0) {
-    auto f = next_launch_++;
-    auto& flat = *flats_[f];
-    // Transient full gradients: at most kInFlight flats' buffers in flight, this one
-    // included, so that the gradients of a whole model never exist at once (ZeRO-2's
-    // point). Folding before this flat's output is allocated keeps FSDP's peak (these,
-    // the next flat's buffer filling up, and the gathered units) under its at-rest saving.
-    if (!persistent_gradients())
-      while (next_fold_ + kInFlight <= f)
-        fold(next_fold_++);
-    if (!communicator_ || communicator_->size() == 1) {
-      works_[f] = nullptr; // one rank: the buffer is already the average
-    } else if (replicate()) {
-      works_[f] = communicator_->allreduce(grad_buffers_[f], ReduceOp::avg);
-    } else if (persistent_gradients()) {
-      works_[f] = communicator_->reduce_scatter(grad_buffers_[f], flat.shard_grad(), ReduceOp::avg);
-    } else {
-      grad_outputs_[f] = torch::empty({flat.shard_size()}, flat.full().options());
-      add_transient(flat.shard_size_bytes());
-      works_[f] = communicator_->reduce_scatter(grad_buffers_[f], grad_outputs_[f], ReduceOp::avg);
-    }
-  }
-}
-
-void ShardedStrategy::fold(size_t f) {
-  if (works_[f])
-    works_[f]->wait();
-  works_[f] = nullptr;
-  auto& flat = *flats_[f];
-  bool single = !communicator_ || communicator_->size() == 1;
-  torch::NoGradGuard no_grad;
-  if (persistent_gradients()) {
-    if (single || replicate())
-      flat.shard_grad().copy_(grad_buffers_[f].narrow(0, flat.rank() * flat.shard_size(),
-                                                      flat.shard_size()));
+    if (local) // else the reduce-scatter wrote the shard gradient
+      flat.shard_grad().copy_(own());
     return;
   }
-  if (single || replicate())
-    flat.shard_grad().add_(grad_buffers_[f].narrow(0, flat.rank() * flat.shard_size(), flat.shard_size()));
-  else
-    flat.shard_grad().add_(grad_outputs_[f]);
-  transient_ -= flat.full_bytes();
-  grad_buffers_[f] = at::Tensor();
+  // Transient: the window's reduced gradient adds into the shard gradient.
+  flat.shard_grad().add_(local ? own() : grad_outputs_[f]);
   if (grad_outputs_[f].defined()) {
     transient_ -= flat.shard_size_bytes();
     grad_outputs_[f] = at::Tensor();
@@ -354,74 +246,13 @@ void ShardedStrategy::backward(const at::Tensor& loss) {
   // the shards as backward produces it (its flats' buffers freed as they go out); with
   // them, in finish_gradient_sync. The micro-batches before it (no_sync) communicate
   // nothing.
-  if (!persistent_gradients() && sync_enabled_)
-    complete_reduction();
+  if (reducer_ && !persistent_gradients() && sync_enabled_)
+    reducer_->finish();
 }
 
 void ShardedStrategy::finish_gradient_sync() {
-  if (!sync_enabled_)
-    return;
-  complete_reduction();
-}
-
-void ShardedStrategy::complete_reduction() {
-  std::unique_lock<std::mutex> guard(mtx_);
-  if (!step_active_)
-    return;
-  // Parameters that got no gradient this step count as zero gradients.
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (!ready_[i]) {
-      guard.unlock();
-      mark_ready(i);
-      guard.lock();
-    }
-  // Which parameters some rank used in this window: one small all-reduce after every
-  // flat's (the same order on every rank), so that a parameter no rank used is left
-  // alone by the step, as PyTorch DDP's find_unused_parameters leaves it without gradient.
-  std::shared_ptr<Work> usage_work;
-  auto usage = torch::zeros({static_cast<int64_t>(params_.size())}, torch::kFloat);
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (used_[i])
-      usage[static_cast<int64_t>(i)] = 1.0f;
-  std::fill(used_.begin(), used_.end(), false);
-  bool distributed = communicator_ && communicator_->size() > 1 && !params_.empty();
-  if (distributed) {
-    usage = usage.to(params_.front().device());
-    usage_work = communicator_->allreduce(usage, ReduceOp::sum);
-  }
-  guard.unlock();
-  std::exception_ptr failure;
-  for (size_t f = next_fold_; f < flats_.size(); ++f) {
-    try {
-      fold(f);
-    } catch (...) {
-      if (!failure)
-        failure = std::current_exception();
-    }
-  }
-  try {
-    if (usage_work)
-      usage_work->wait();
-  } catch (...) {
-    if (!failure)
-      failure = std::current_exception();
-  }
-  guard.lock();
-  unused_.clear();
-  if (!failure) {
-    auto global = usage.cpu();
-    auto* used = global.data_ptr<float>();
-    for (size_t i = 0; i < params_.size(); ++i)
-      if (used[i] == 0.0f) {
-        unused_.push_back(i);
-        if (persistent_gradients())
-          params_[i].mutable_grad().reset(); // as DDP: no gradient (its flat slot is zero)
-      }
-  }
-  reset_step();
-  guard.unlock();
-  if (failure)
-    std::rethrow_exception(failure);
+  if (reducer_ && sync_enabled_)
+    reducer_->finish();
 }
 
 double ShardedStrategy::clip_grad_norm(double max_norm, double norm_type) {
@@ -462,9 +293,9 @@ void ShardedStrategy::optimizer_step(torch::optim::Optimizer& optimizer) {
     at::Tensor saved;
   };
   std::vector<Kept> kept;
-  if (owned && !unused_.empty()) {
+  if (owned && reducer_ && !reducer_->unused().empty()) {
     torch::NoGradGuard no_grad;
-    for (auto index : unused_) {
+    for (auto index : reducer_->unused()) {
       auto [f, e] = slots_[index];
       if (std::find(owned->begin(), owned->end(), f) == owned->end())
         continue;
@@ -504,7 +335,7 @@ void ShardedStrategy::zero_grad(torch::optim::Optimizer& optimizer) {
     for (auto f : owned) {
       flats_[f]->shard_grad().zero_();
       if (persistent_gradients())
-        grad_buffers_[f].zero_();
+        reducer_->buffer(f).zero_();
     }
   }
 }
@@ -769,9 +600,9 @@ MemoryStats ShardedStrategy::memory_stats() const {
     stats.parameter_bytes += flat.shard_bytes() + (flat.gathered() ? flat.full_bytes() : 0);
     if (flat.shard().grad().defined())
       stats.gradient_bytes += flat.shard_size_bytes();
-    if (grad_buffers_[f].defined())
-      stats.gradient_bytes += static_cast<int64_t>(grad_buffers_[f].nbytes());
   }
+  if (reducer_)
+    stats.gradient_bytes += reducer_->buffer_bytes();
   for (auto& opt : optimizers_)
     stats.optimizer_state_bytes += optimizer_state_bytes(*opt);
   stats.peak_transient_bytes = peak_transient_;

@@ -4,30 +4,27 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "strategies/flat_shard.hpp"
 #include "strategies/strategy.hpp"
 
-namespace torch::autograd {
-struct Node;
-}
-
 namespace caftrain {
+
+class GradientReducer;
 
 /// Base of the strategies that partition parameters into flat buffers sharded over the
 /// ranks (`FlatShard`), with one optimizer parameter per shard. Subclasses decide how
 /// parameters are grouped into flats (buckets, units), whether full gradients persist
 /// between steps, and when full parameters are resident.
 ///
-/// Gradients reach the shards through hooks on the parameters' gradient accumulators: a
-/// flat whose parameters all have gradients is reduce-scattered (averaged) into the ranks'
-/// shard gradients while backward goes on. Flats are launched strictly in index order on
-/// every rank, because every rank must issue collectives in the same order.
+/// Gradients reach the shards through a `GradientReducer` (the mechanism DDP uses too),
+/// with one bucket per flat: a flat whose parameters all have gradients is
+/// reduce-scattered (averaged) into the ranks' shard gradients while backward goes on.
 class ShardedStrategy : public Strategy {
  public:
+  ShardedStrategy();
   ~ShardedStrategy() override;
 
   bool is_distributed() const override {
@@ -70,9 +67,6 @@ class ShardedStrategy : public Strategy {
   const std::vector<std::unique_ptr<FlatShard>>& flats() const noexcept {
     return flats_;
   }
-
-  /// Internal: a gradient-accumulator hook saw parameter `index`'s gradient accumulated.
-  void on_gradient(size_t index);
 
  protected:
   /// Groups one optimizer param group's parameters (name, tensor) into flats, in launch
@@ -124,46 +118,24 @@ class ShardedStrategy : public Strategy {
     size_t entry = 0;
   };
 
-  /// Counts parameter `index`'s gradient (or none) into its flat, and launches the flats
-  /// that became complete.
-  void mark_ready(size_t index);
-  /// Adds `grad` (entry `e` of flat `f`) into the flat's full gradient buffer.
-  void accumulate_into_buffer(size_t f, size_t e, const at::Tensor& grad);
-  void launch_ready();
-  /// Marks the parameters without gradient as ready (zero), waits for every flat's
-  /// reduction and moves it into the shard gradients.
-  void complete_reduction();
-  /// Waits for flat `f`'s reduction and adds it into its shard gradient; frees transient
-  /// buffers.
-  void fold(size_t f);
+  /// The reducer's launch of flat `f`'s full gradient `buffer`: reduce-scatter into the
+  /// shard gradient (all-reduce under NO_SHARD; nothing on one rank).
+  std::shared_ptr<Work> launch(size_t f, at::Tensor& buffer);
+  /// The reducer's fold of flat `f`: its reduced gradient into the shard gradient.
+  void fold(size_t f, at::Tensor& buffer);
 
   /// Flats whose transient gradient buffers may be in flight at once.
   static constexpr size_t kInFlight = 2;
-  void reset_step();
 
-  /// Per parameter (global index): where it lives.
-  std::vector<at::Tensor> params_;
+  std::unique_ptr<GradientReducer> reducer_;
+  /// Per reducer parameter: its flat and entry.
   std::vector<Slot> slots_;
-  std::vector<bool> ready_;
-  /// Per parameter: a backward of this accumulation window produced its gradient here.
-  std::vector<bool> used_;
-  /// Parameters no rank used in the last reduced window; the next step leaves them alone.
-  std::vector<size_t> unused_;
-  std::vector<size_t> pending_;          // per flat: parameters without gradient yet
-  std::vector<at::Tensor> grad_buffers_; // per flat: full flat gradient (persistent or transient)
   std::vector<at::Tensor> grad_outputs_; // per flat: reduce-scatter output (transient modes)
-  std::vector<std::shared_ptr<Work>> works_;
-  size_t next_launch_ = 0;
-  size_t next_fold_ = 0; // flats before it are folded into their shards (transient modes)
-  bool step_active_ = false;
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
-  std::vector<uintptr_t> hook_keys_;
   /// Per optimizer, per param group: its parameters' names in the group's original order
   /// (before the shards replaced them), by which unsharded optimizer state is indexed.
   std::vector<std::vector<std::vector<std::string>>> group_names_;
   /// optimizer -> flats it steps
   std::vector<std::pair<torch::optim::Optimizer*, std::vector<size_t>>> owners_;
-  std::mutex mtx_;
 };
 
 } // namespace caftrain

@@ -1,6 +1,7 @@
 #include "strategies/zero_strategy.hpp"
 
 #include "core/error.hpp"
+#include "strategies/gradient_reducer.hpp"
 
 namespace caftrain {
 
@@ -33,21 +34,17 @@ bool ZeroStrategy::persistent_gradients() const {
 
 std::vector<std::vector<std::pair<std::string, at::Tensor>>>
 ZeroStrategy::partition(const std::vector<std::pair<std::string, at::Tensor>>& params) {
-  // Reverse registration order (the order backward produces gradients); a new bucket at
-  // the cap or at a change of dtype.
+  // c10d's bucket plan, as DDP's: reverse registration order (the order backward
+  // produces gradients), a new bucket at the cap or at a change of dtype.
+  std::vector<at::Tensor> tensors;
+  for (auto& item : params)
+    tensors.push_back(item.second);
   std::vector<std::vector<std::pair<std::string, at::Tensor>>> buckets;
-  double bytes = 0;
-  for (auto it = params.rbegin(); it != params.rend(); ++it) {
-    auto& p = it->second;
-    double cap = (buckets.size() <= 1 ? options_.first_bucket_cap_mb : options_.bucket_cap_mb) * kMiB;
-    auto size = static_cast<double>(p.numel() * p.element_size());
-    if (buckets.empty() || p.scalar_type() != buckets.back().front().second.scalar_type() ||
-        (bytes > 0 && bytes + size > cap)) {
-      buckets.emplace_back();
-      bytes = 0;
-    }
-    buckets.back().push_back(*it);
-    bytes += size;
+  for (auto& members : plan_buckets(tensors, options_.first_bucket_cap_mb * kMiB,
+                                    options_.bucket_cap_mb * kMiB)) {
+    buckets.emplace_back();
+    for (auto k : members)
+      buckets.back().push_back(params[k]);
   }
   return buckets;
 }
