@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <vector>
 
 #include <caf/all.hpp>
@@ -17,6 +18,8 @@
 #include "actors/cluster.hpp"
 #include "actors/messages.hpp"
 #include "checkpoint/files.hpp"
+#include "checkpoint/remote_files.hpp"
+#include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
 
 namespace fs = std::filesystem;
@@ -140,20 +143,30 @@ std::string upload(caf::actor_system& sys, const caf::actor& trainer, const std:
                           upload_atom::value, name);
 }
 
-Checkpoint download(caf::actor_system& sys, const caf::actor& trainer, const Checkpoint& ckpt,
-                    const std::string& local_dir, std::chrono::milliseconds timeout) {
+namespace {
+
+/// Fetches `file` of the driver's checkpoint `ckpt` into `local_dir`, checked against its
+/// digest. The bytes go to a temporary name first: the file exists under its own name
+/// only once complete and checked.
+void fetch_file(caf::actor_system& sys, const caf::actor& trainer, const Checkpoint& ckpt,
+                const std::string& local_dir, const std::string& file, const FileDigest& digest,
+                std::chrono::milliseconds timeout) {
+  auto path = file_path(local_dir, file);
+  auto part = path + ".part-" + std::to_string(::getpid());
   std::error_code ec;
-  fs::remove_all(local_dir, ec);
-  for (auto& [file, digest] : ckpt.metadata().files) {
-    auto path = file_path(local_dir, file);
-    fs::create_directories(fs::path(path).parent_path(), ec);
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    if (!out)
-      throw Error(Errc::io_error, "cannot write '" + path + "' (a local copy of checkpoint '" +
-                                    ckpt.path() + "')");
-    auto what = "fetching '" + file + "' of checkpoint '" + ckpt.path() + "' from the driver";
-    uint64_t offset = 0;
-    uint32_t crc = 0;
+  fs::create_directories(fs::path(path).parent_path(), ec);
+  auto cannot_write = [&] {
+    fs::remove(part, ec);
+    return Error(Errc::io_error, "cannot write '" + path + "' (a local copy of checkpoint '" +
+                                   ckpt.path() + "')");
+  };
+  std::ofstream out(part, std::ios::binary | std::ios::trunc);
+  if (!out)
+    throw cannot_write();
+  auto what = "fetching '" + file + "' of checkpoint '" + ckpt.path() + "' from the driver";
+  uint64_t offset = 0;
+  uint32_t crc = 0;
+  try {
     while (offset < digest.size) {
       auto bytes = ask<std::string>(sys, trainer, timeout, what, fetch_atom::value, ckpt.path(), file, offset);
       if (bytes.empty())
@@ -162,18 +175,71 @@ Checkpoint download(caf::actor_system& sys, const caf::actor& trainer, const Che
       out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
       offset += bytes.size();
     }
-    out.close();
-    if (!out)
-      throw Error(Errc::io_error, "cannot write '" + path + "' (a local copy of checkpoint '" +
-                                    ckpt.path() + "')");
-    if (offset != digest.size || crc != digest.crc32)
-      throw Error(Errc::corrupt_checkpoint,
-                  "checkpoint '" + ckpt.path() + "': file '" + file + "' arrived with " +
-                    std::to_string(offset) + " bytes (CRC-32 " + std::to_string(crc) + "), its metadata says " +
-                    std::to_string(digest.size) + " bytes (CRC-32 " + std::to_string(digest.crc32) + ")");
+  } catch (...) {
+    fs::remove(part, ec);
+    throw;
+  }
+  out.close();
+  if (!out)
+    throw cannot_write();
+  if (offset != digest.size || crc != digest.crc32) {
+    fs::remove(part, ec);
+    throw Error(Errc::corrupt_checkpoint,
+                "checkpoint '" + ckpt.path() + "': file '" + file + "' arrived with " +
+                  std::to_string(offset) + " bytes (CRC-32 " + std::to_string(crc) + "), its metadata says " +
+                  std::to_string(digest.size) + " bytes (CRC-32 " + std::to_string(digest.crc32) + ")");
+  }
+  fs::rename(part, path, ec);
+  if (ec)
+    throw cannot_write();
+}
+
+/// Whether `file` is one rank's shard of a sharded checkpoint (`shards/rank_<r>.pt`).
+bool is_rank_shard(const Checkpoint& ckpt, const std::string& file) {
+  if (!ckpt.has_file(kLayoutFile))
+    return false;
+  for (int64_t r = 0; r < ckpt.metadata().world_size; ++r)
+    if (file == shard_file(r))
+      return true;
+  return false;
+}
+
+} // namespace
+
+Checkpoint download(caf::actor_system& sys, const caf::actor& trainer, const Checkpoint& ckpt,
+                    const std::string& local_dir, std::chrono::milliseconds timeout, Fetch fetch) {
+  unregister_remote_files(local_dir);
+  std::error_code ec;
+  fs::remove_all(local_dir, ec);
+  fs::create_directories(local_dir, ec);
+  bool on_demand = false;
+  for (auto& [file, digest] : ckpt.metadata().files) {
+    if (fetch == Fetch::shards_on_demand && is_rank_shard(ckpt, file)) {
+      on_demand = true;
+      continue;
+    }
+    fetch_file(sys, trainer, ckpt, local_dir, file, digest, timeout);
   }
   write_file_atomic((fs::path(local_dir) / kMetadataFile).string(), to_json(ckpt.metadata()));
-  return Checkpoint::open(local_dir);
+  auto copy = Checkpoint::open(local_dir);
+  if (on_demand) {
+    // One fetch at a time per copy: two threads that name the same file fetch it once.
+    auto mtx = std::make_shared<std::mutex>();
+    register_remote_files(copy.path(), [&sys, trainer, ckpt, local_dir, timeout, mtx](const std::string& file) {
+      std::lock_guard<std::mutex> guard(*mtx);
+      std::error_code ec;
+      if (fs::exists(file_path(local_dir, file), ec))
+        return;
+      fetch_file(sys, trainer, ckpt, local_dir, file, ckpt.metadata().files.at(file), timeout);
+    });
+  }
+  return copy;
+}
+
+void forget_copy(const std::string& local_dir) {
+  unregister_remote_files(local_dir);
+  std::error_code ec;
+  fs::remove_all(local_dir, ec);
 }
 
 // -- Receiver -----------------------------------------------------------------------------

@@ -50,11 +50,29 @@ std::string local_root();
 std::string upload(caf::actor_system& sys, const caf::actor& trainer, const std::string& dir,
                    const std::string& name, std::chrono::milliseconds timeout);
 
-/// Worker: fetches every file of the committed checkpoint `ckpt` (a path on the driver)
-/// into `local_dir`, checking each file's size and CRC-32 against its metadata, and
-/// opens the copy. Throws `Error(corrupt_checkpoint)` for a file that arrives altered.
+/// Which files `download` fetches before it returns.
+enum class Fetch {
+  /// Every file.
+  all,
+  /// Every file but the rank shards of a sharded checkpoint (`shards/rank_<r>.pt`): each
+  /// arrives (checked) when the loading code first names it (`Checkpoint::file`), so that
+  /// a rank fetches only the shards that hold its elements, not the whole model and
+  /// optimizer state of every rank.
+  shards_on_demand,
+};
+
+/// Worker: fetches the files of the committed checkpoint `ckpt` (a path on the driver)
+/// into `local_dir` (all, or all but the rank shards: `fetch`), checking each file's size
+/// and CRC-32 against its metadata, and opens the copy. Throws
+/// `Error(corrupt_checkpoint)` for a file that arrives altered, then or on demand. The
+/// copy must stay reachable through `sys` and `trainer` while files may be named, and
+/// be removed with `forget_copy`.
 Checkpoint download(caf::actor_system& sys, const caf::actor& trainer, const Checkpoint& ckpt,
-                    const std::string& local_dir, std::chrono::milliseconds timeout);
+                    const std::string& local_dir, std::chrono::milliseconds timeout,
+                    Fetch fetch = Fetch::all);
+
+/// Removes a copy `download` made; its files no longer arrive on demand.
+void forget_copy(const std::string& local_dir);
 
 /// The I/O actor's side of uploads: files arrive in order into
 /// `<run_dir>/.staging/upload-<name>/`, each checked (size, CRC-32) when complete.

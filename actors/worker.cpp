@@ -253,7 +253,8 @@ class ActorSession : public Session {
   }
 
   /// A copy of the driver's checkpoint `ckpt` on this machine (fetched once; the copy of
-  /// an older checkpoint is removed when a newer one is fetched).
+  /// an older checkpoint is removed when a newer one is fetched). The rank shards of a
+  /// sharded checkpoint are fetched only when named (`transfer::Fetch`).
   Checkpoint local_copy(const Checkpoint& ckpt) const {
     std::lock_guard<std::mutex> guard(copy_mtx_);
     if (copy_ && copy_of_ == ckpt.path())
@@ -261,12 +262,13 @@ class ActorSession : public Session {
     auto dir = std::filesystem::path(transfer::local_root()) / "checkpoints" /
                std::filesystem::path(ckpt.path()).filename();
     if (copy_) {
-      std::error_code ec;
-      std::filesystem::remove_all(copy_->path(), ec);
+      transfer::forget_copy(copy_->path());
       copy_.reset();
     }
     auto timeout = spec_.run->options.run.report_timeout + std::chrono::seconds(30);
-    copy_ = transfer::download(sys_, spec_.trainer, ckpt, dir.string(), timeout);
+    // A sharded checkpoint's rank shards arrive when this rank's load names them.
+    copy_ = transfer::download(sys_, spec_.trainer, ckpt, dir.string(), timeout,
+                               transfer::Fetch::shards_on_demand);
     copy_of_ = ckpt.path();
     return *copy_;
   }

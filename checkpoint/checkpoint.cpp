@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/files.hpp"
+#include "checkpoint/remote_files.hpp"
 #include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
 #include "core/metrics_json.hpp"
@@ -58,11 +59,24 @@ std::map<std::string, Validated> validated;
 std::atomic<int64_t> full_validation_count{0};
 
 std::vector<FileStamp> stamps_of(const Checkpoint& ckpt) {
+  // Paths, not Checkpoint::file: a file of a copy that arrives on demand is not fetched
+  // here (its stamp changes when it arrives, so the next check reads it).
   std::vector<FileStamp> stamps;
-  stamps.push_back(stamp_of(ckpt.file(kMetadataFile)));
+  stamps.push_back(stamp_of((fs::path(ckpt.path()) / kMetadataFile).string()));
   for (auto& item : ckpt.metadata().files)
-    stamps.push_back(stamp_of(ckpt.file(item.first)));
+    stamps.push_back(stamp_of((fs::path(ckpt.path()) / item.first).string()));
   return stamps;
+}
+
+/// Copies whose files arrive on demand, by normalised directory.
+std::mutex remote_mtx;
+std::map<std::string, FileFetcher> remote_copies;
+
+std::string directory_key(const std::string& dir) {
+  auto p = fs::path(dir).lexically_normal();
+  if (!p.has_filename())
+    p = p.parent_path(); // "a/b/" and "a/b" are one directory
+  return p.string();
 }
 
 } // namespace
@@ -198,7 +212,14 @@ Checkpoint Checkpoint::open(const std::string& path) {
 }
 
 std::string Checkpoint::file(const std::string& name) const {
-  return (fs::path(path_) / name).string();
+  auto p = (fs::path(path_) / name).string();
+  if (committed_ && metadata_.files.count(name)) {
+    std::error_code ec;
+    if (!fs::exists(p, ec))
+      if (auto fetch = remote_files(path_))
+        fetch(name); // a copy whose files arrive on demand
+  }
+  return p;
 }
 
 bool Checkpoint::has_file(const std::string& name) const {
@@ -220,11 +241,15 @@ void Checkpoint::validate() const {
   auto current = metadata_from_json(std::string(bytes.begin(), bytes.end()), path_);
   if (current.files.size() != metadata_.files.size() || current.report_index != metadata_.report_index)
     corrupt(path_, std::string(kMetadataFile) + " changed since the checkpoint was opened");
+  auto on_demand = remote_files(path_);
   for (auto& [name, digest] : metadata_.files) {
-    auto p = file(name);
+    auto p = (fs::path(path_) / name).string();
     std::error_code ec;
-    if (!fs::is_regular_file(p, ec))
+    if (!fs::is_regular_file(p, ec)) {
+      if (on_demand)
+        continue; // not fetched (yet): checked when it arrives
       corrupt(path_, "file '" + name + "' is missing");
+    }
     auto size = fs::file_size(p, ec);
     if (ec || size != digest.size)
       corrupt(path_, "file '" + name + "' has " + std::to_string(size) + " bytes, expected " +
@@ -251,6 +276,24 @@ void Checkpoint::validate_once() const {
       return;
   }
   validate();
+}
+
+void register_remote_files(const std::string& dir, FileFetcher fetch) {
+  std::lock_guard<std::mutex> guard(remote_mtx);
+  remote_copies[directory_key(dir)] = std::move(fetch);
+}
+
+void unregister_remote_files(const std::string& dir) {
+  std::lock_guard<std::mutex> guard(remote_mtx);
+  remote_copies.erase(directory_key(dir));
+}
+
+FileFetcher remote_files(const std::string& dir) {
+  std::lock_guard<std::mutex> guard(remote_mtx);
+  if (remote_copies.empty())
+    return {};
+  auto it = remote_copies.find(directory_key(dir));
+  return it == remote_copies.end() ? FileFetcher() : it->second;
 }
 
 int64_t Checkpoint::full_validations() noexcept {

@@ -10,6 +10,7 @@
 
 #include "actors/checkpoint_transfer.hpp"
 #include "checkpoint/files.hpp"
+#include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
 #include "helpers.hpp"
 
@@ -47,8 +48,11 @@ Errc code_of(const std::function<void()>& f) {
 }
 
 /// Stands in for the trainer: uploads go to a Receiver on `run_dir`, fetches read any
-/// file, with one byte flipped when `corrupt`.
-caf::behavior stand_in(caf::event_based_actor*, std::string run_dir, bool corrupt) {
+/// file, with one byte flipped when `corrupt` and the file's name starts with
+/// `corrupt_prefix`. Every fetch's file name is appended to `fetched`.
+caf::behavior stand_in(caf::event_based_actor*, std::string run_dir, bool corrupt,
+                       std::string corrupt_prefix,
+                       std::shared_ptr<std::vector<std::string>> fetched) {
   auto receiver = std::make_shared<transfer::Receiver>();
   return {
     [=](transfer::upload_atom, const std::string& name, const std::string& file, uint64_t offset,
@@ -64,8 +68,10 @@ caf::behavior stand_in(caf::event_based_actor*, std::string run_dir, bool corrup
     },
     [=](transfer::upload_atom, const std::string& name) { return receiver->finish(run_dir, name); },
     [=](transfer::fetch_atom, const std::string& path, const std::string& file, uint64_t offset) {
+      if (fetched)
+        fetched->push_back(file);
       auto bytes = transfer::read_chunk((fs::path(path) / file).string(), offset);
-      if (corrupt && !bytes.empty())
+      if (corrupt && file.rfind(corrupt_prefix, 0) == 0 && !bytes.empty())
         bytes[bytes.size() / 2] ^= 1;
       return bytes;
     },
@@ -127,7 +133,7 @@ TEST_CASE("A checkpoint directory travels as messages both ways, and a file that
   std::ofstream(source / "exact.pt", std::ios::binary) << exact;
   std::ofstream(source / "empty.json", std::ios::binary);
   auto run_dir = (fs::path(dir.path()) / "run").string();
-  auto trainer = s.sys.spawn(stand_in, run_dir, false);
+  auto trainer = s.sys.spawn(stand_in, run_dir, false, std::string(), nullptr);
   auto timeout = std::chrono::seconds(30);
   auto remote = transfer::upload(s.sys, trainer, source.string(), "a0-r0-i2-1", timeout);
   CHECK(remote == run_dir + "/.staging/upload-a0-r0-i2-1");
@@ -146,7 +152,7 @@ TEST_CASE("A checkpoint directory travels as messages both ways, and a file that
   CHECK(slurp(copy.file("shards/rank_0.pt")) == big);
   CHECK(copy.metadata().files.size() == 3);
 
-  auto corrupting = s.sys.spawn(stand_in, run_dir, true);
+  auto corrupting = s.sys.spawn(stand_in, run_dir, true, std::string(), nullptr);
   try {
     transfer::download(s.sys, corrupting, committed, dir / "bad-copy", timeout);
     FAIL("an altered file was accepted");
@@ -169,4 +175,56 @@ TEST_CASE("A worker process sees the driver's storage only where the driver's id
   ::setenv("CAFTRAIN_SHARED_STORAGE", "0", 1);
   CHECK_FALSE(transfer::sees_storage(dir.path(), id));
   ::unsetenv("CAFTRAIN_SHARED_STORAGE");
+}
+
+TEST_CASE("A worker's copy of a sharded checkpoint fetches a rank shard only when the load names it, checked as it arrives", "[transfer]") {
+  TempDir dir;
+  test::ActorSystem s;
+  // A sharded checkpoint of a 2-rank run, as the trainer's I/O actor commits it.
+  auto run_dir = (fs::path(dir.path()) / "run").string();
+  auto shard0 = bytes_of(transfer::kChunkBytes + 77, 4), shard1 = bytes_of(1000, 5);
+  CheckpointWriter writer(run_dir + "/checkpoint_000003");
+  writer.add_file(kLayoutFile, std::string("{}"));
+  writer.add_file(kBuffersFile, std::string("buffers"));
+  writer.add_file(shard_file(0), shard0);
+  writer.add_file(shard_file(1), shard1);
+  CheckpointMetadata meta;
+  meta.world_size = 2;
+  meta.strategy = "fsdp";
+  auto committed = writer.commit(meta);
+  auto fetched = std::make_shared<std::vector<std::string>>();
+  auto trainer = s.sys.spawn(stand_in, run_dir, false, std::string(), fetched);
+  auto timeout = std::chrono::seconds(30);
+  auto local = dir / "copy";
+  auto copy = transfer::download(s.sys, trainer, committed, local, timeout,
+                                 transfer::Fetch::shards_on_demand);
+  auto fetches_of = [&](const std::string& file) {
+    return std::count(fetched->begin(), fetched->end(), file);
+  };
+  // Everything but the rank shards arrived; the copy validates without them.
+  CHECK(fs::exists(local + "/" + kLayoutFile));
+  CHECK(fs::exists(local + "/" + kBuffersFile));
+  CHECK_FALSE(fs::exists(local + "/" + shard_file(0)));
+  CHECK_FALSE(fs::exists(local + "/" + shard_file(1)));
+  CHECK(fetches_of(shard_file(0)) == 0);
+  CHECK_NOTHROW(copy.validate());
+  // Rank 1's load names its shard: it arrives (checked), once, and rank 0's never does.
+  CHECK(slurp(copy.file(shard_file(1))) == shard1);
+  CHECK(slurp(Checkpoint::open(local).file(shard_file(1))) == shard1); // opened by path too
+  CHECK(fetches_of(shard_file(1)) == 1);
+  CHECK_FALSE(fs::exists(local + "/" + shard_file(0)));
+  CHECK(fetches_of(shard_file(0)) == 0);
+  CHECK_NOTHROW(copy.validate());
+  // A shard altered on the way is refused when it is named, and not left behind.
+  auto corrupting = s.sys.spawn(stand_in, run_dir, true, std::string("shards/"), nullptr);
+  auto bad = transfer::download(s.sys, corrupting, committed, dir / "bad-copy", timeout,
+                                transfer::Fetch::shards_on_demand);
+  CHECK(code_of([&] { bad.file(shard_file(0)); }) == Errc::corrupt_checkpoint);
+  CHECK_FALSE(fs::exists(dir / ("bad-copy/" + shard_file(0))));
+  // A copy forgotten is gone, and its files no longer arrive.
+  transfer::forget_copy(local);
+  CHECK_FALSE(fs::exists(local));
+  transfer::forget_copy(dir / "bad-copy");
+  caf::anon_send_exit(trainer, caf::exit_reason::user_shutdown);
+  caf::anon_send_exit(corrupting, caf::exit_reason::user_shutdown);
 }

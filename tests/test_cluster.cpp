@@ -106,8 +106,13 @@ void train_func(const Config& c) {
   auto data = std::make_shared<data::TensorDataset>(torch::randn({192, 8}, gen),
                                                     torch::randint(0, 3, {192}, gen));
   auto model = with_seed(0, [] { return std::make_shared<Classifier>(); });
+  std::shared_ptr<Strategy> strategy;
+  if (c.get<std::string>("strategy", "ddp") == "fsdp")
+    strategy = std::make_shared<FSDPStrategy>();
+  else
+    strategy = std::make_shared<DDPStrategy>(DDPOptions{.broadcast_buffers = false});
   Trainer trainer({.max_epochs = 2,
-                   .strategy = DDPStrategy({.broadcast_buffers = false}),
+                   .strategy = strategy,
                    .plugins = {ActorEnvironment()},
                    .callbacks = {WaitForNodeKill(c.get<bool>("wait_for_kill", false) ? out + "/stuck" : ""),
                                  KillRank1(c.get<int64_t>("kill_at_step", -1), c.get<int64_t>("kill_delay_ms", 0)),
@@ -123,6 +128,13 @@ void train_func(const Config& c) {
   }
   trainer.fit(model, data::DataLoader(data, {.batch_size = 16, .shuffle = true, .seed = 9}),
               std::nullopt, ckpt ? ckpt->path() : "");
+  // Which rank shards of a sharded checkpoint the rank's copy holds after its load.
+  if (auto seen = c.get<std::string>("storage_out", ""); !seen.empty() && ckpt) {
+    std::ofstream f(seen + "/a" + std::to_string(ctx.attempt) + "-r" + std::to_string(ctx.world_rank) + ".shards");
+    std::error_code ec;
+    for (auto& e : fs::directory_iterator(fs::path(ckpt->path()) / "shards", ec))
+      f << e.path().filename().string() << "\n";
+  }
 }
 
 TorchTrainerOptions options(const test::TempDir& dir, const std::string& name, const std::string& mode) {
@@ -360,7 +372,7 @@ TEST_CASE("With warm spares a worker process SIGKILLed on a node restarts on the
   CHECK(left().empty());
 }
 
-TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as messages and fetch the one they resume from; after a node's loss the run ends with the weights of an undisturbed run", "[cluster][storage]") {
+TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as messages and fetch the one they resume from (of a sharded one, only their own shard); after a node's loss the run ends with the weights of an undisturbed run", "[cluster][storage]") {
   test::TempDir dir;
   auto storage = dir / "storage";
   auto seen = dir / "storage-seen";
@@ -369,6 +381,9 @@ TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as 
   faulty.run.storage_path = storage;
   faulty.train_loop_config.set("wait_for_kill", true);
   faulty.train_loop_config.set("storage_out", seen);
+  // FSDP: the checkpoint is sharded, and each rank fetches only its own shard.
+  for (auto* o : {&clean, &faulty})
+    o->train_loop_config.set("strategy", std::string("fsdp"));
   faulty.run.failure.max_failures = 1;
   Result undisturbed;
   {
@@ -427,6 +442,13 @@ TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as 
         CHECK_THAT(from, Contains(dir / "tmp-node-") && Contains("/caftrain-worker-") &&
                            Contains("/checkpoints/checkpoint_"));
         CHECK_FALSE(fs::exists(from)); // the worker process removed its copies when it ended
+        // Of the sharded checkpoint's rank shards, the copy held only the rank's own:
+        // the other rank's shard never travelled (transfer::Fetch::shards_on_demand).
+        std::ifstream shards(seen + "/a1-r" + std::to_string(rank) + ".shards");
+        std::vector<std::string> held;
+        for (std::string name; shards >> name;)
+          held.push_back(name);
+        CHECK(held == std::vector<std::string>{"rank_" + std::to_string(rank) + ".pt"});
       }
     }
   // What the driver committed is complete (every file's size and CRC), and no upload is
