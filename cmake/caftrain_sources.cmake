@@ -31,6 +31,7 @@ set(CAFTRAIN_SOURCES
   environment/store.cpp
   environment/worker_context.cpp
   # strategies
+  strategies/block_cache.cpp
   strategies/ddp_strategy.cpp
   strategies/flat_shard.cpp
   strategies/fsdp_strategy.cpp

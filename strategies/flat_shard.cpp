@@ -6,6 +6,7 @@
 
 #include "checkpoint/optimizer_archive.hpp"
 #include "core/error.hpp"
+#include "strategies/block_cache.hpp"
 
 namespace caftrain {
 
@@ -85,7 +86,7 @@ void FlatShard::poison() {
     return;
   auto* storage = full_.storage().unsafeGetStorageImpl();
   auto bytes = static_cast<size_t>(full_bytes());
-  storage->set_data_ptr_noswap(storage->allocator()->allocate(bytes));
+  storage->set_data_ptr_noswap(block_cache::allocate(bytes, full_.device()));
   storage->set_nbytes(bytes);
   torch::NoGradGuard no_grad;
   full_.detach().fill_(std::numeric_limits<double>::quiet_NaN());
@@ -98,7 +99,7 @@ void FlatShard::allocate_full() {
   if (!poisoned_) {
     auto* storage = full_.storage().unsafeGetStorageImpl();
     auto bytes = static_cast<size_t>(full_bytes());
-    storage->set_data_ptr_noswap(storage->allocator()->allocate(bytes));
+    storage->set_data_ptr_noswap(block_cache::allocate(bytes, full_.device()));
     storage->set_nbytes(bytes);
   }
   poisoned_ = false;

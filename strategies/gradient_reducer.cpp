@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "core/error.hpp"
+#include "strategies/block_cache.hpp"
 
 namespace caftrain {
 
@@ -156,7 +157,7 @@ void GradientReducer::accumulate(size_t index, const at::Tensor& grad) {
   auto [b, offset] = slots_[index];
   auto& buffer = buffers_[b];
   if (!buffer.defined()) {
-    buffer = torch::zeros({buckets_[b].size}, buckets_[b].options.requires_grad(false));
+    buffer = block_cache::empty(buckets_[b].size, buckets_[b].options).zero_();
     if (transient_)
       transient_(bytes_of(buckets_[b]));
   }

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "environment/communicator.hpp"
+#include "strategies/block_cache.hpp"
 
 namespace torch::autograd {
 struct Node;
@@ -164,6 +165,9 @@ class GradientReducer {
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
   std::vector<uintptr_t> hook_keys_;
   std::mutex mtx_;
+  /// Large blocks freed during the fit (transient buffers, FSDP's gathered units) are
+  /// kept for reuse while the reducer lives.
+  block_cache::User cache_user_;
 };
 
 /// Reducer buckets of the parameter index groups `groups` (e.g. `plan_buckets`'), each

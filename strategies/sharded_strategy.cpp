@@ -12,6 +12,7 @@
 #include "checkpoint/sharded.hpp"
 #include "core/error.hpp"
 #include "environment/cluster_environment.hpp"
+#include "strategies/block_cache.hpp"
 #include "strategies/ddp_strategy.hpp"
 #include "strategies/gradient_reducer.hpp"
 
@@ -198,6 +199,7 @@ void ShardedStrategy::setup_optimizers(
 
 void ShardedStrategy::teardown() {
   reducer_.reset(); // removes the hooks
+  grad_outputs_.clear();
   Strategy::teardown();
 }
 
@@ -217,7 +219,7 @@ std::shared_ptr<Work> ShardedStrategy::launch(size_t f, at::Tensor& buffer) {
   // The reducer folded the flats kInFlight places back before this one launches, so
   // FSDP's peak (these, the next flat's buffer filling up, and the gathered units) stays
   // under its at-rest saving.
-  grad_outputs_[f] = torch::empty({flat.shard_size()}, flat.full().options());
+  grad_outputs_[f] = block_cache::empty(flat.shard_size(), flat.full().options());
   add_transient(flat.shard_size_bytes());
   return communicator_->reduce_scatter(buffer, grad_outputs_[f], ReduceOp::avg);
 }
@@ -325,6 +327,9 @@ void ShardedStrategy::optimizer_step(torch::optim::Optimizer& optimizer) {
   }
   if (owned)
     after_step(*owned);
+  // Nothing stays cached between steps: FSDP's memory at rest is its shards'. (Keeping the
+  // blocks across steps measured 1.33x against 1.34x of DDP's step time: not worth it.)
+  block_cache::trim();
 }
 
 void ShardedStrategy::zero_grad(torch::optim::Optimizer& optimizer) {

@@ -181,3 +181,67 @@ TEST_CASE("GradientReducer over two ranks: opposite readiness orders, averages, 
     CHECK(torch::allclose(r[2], torch::full({3}, 3.0f))); // (2 + 4) / 2
   }
 }
+
+TEST_CASE("block_cache keeps large CPU blocks for reuse only while a user lives, up to its cap",
+          "[reducer][block_cache]") {
+  constexpr int64_t kMiB = 1 << 20;
+  constexpr int64_t kFloats = 2 * kMiB / 4; // 2 MiB blocks
+  auto options = torch::TensorOptions().dtype(torch::kFloat);
+  REQUIRE(block_cache::cached_bytes() == 0);
+
+  SECTION("without a user a freed block goes back to the allocator") {
+    block_cache::empty(kFloats, options).fill_(1);
+    CHECK(block_cache::cached_bytes() == 0);
+  }
+
+  SECTION("a freed block serves the next request of its size; trim and the last user free it") {
+    auto user = std::make_unique<block_cache::User>();
+    void* first = nullptr;
+    {
+      auto t = block_cache::empty(kFloats, options);
+      first = t.data_ptr();
+      t.fill_(3); // the memory is usable
+      CHECK(t.sum().item<double>() == Approx(3.0 * kFloats));
+    }
+    CHECK(block_cache::cached_bytes() == 2 * kMiB);
+    {
+      auto again = block_cache::empty(kFloats, options);
+      CHECK(again.data_ptr() == first); // the same block, not fresh pages
+      CHECK(block_cache::cached_bytes() == 0);
+      auto other = block_cache::empty(kFloats + 1, options); // another size: a new block
+      CHECK(other.data_ptr() != first);
+    }
+    CHECK(block_cache::cached_bytes() == 4 * kMiB + 4);
+    block_cache::trim();
+    CHECK(block_cache::cached_bytes() == 0);
+
+    block_cache::empty(kFloats, options);
+    CHECK(block_cache::cached_bytes() == 2 * kMiB);
+    user.reset(); // the last user: nothing stays cached after a fit
+    CHECK(block_cache::cached_bytes() == 0);
+  }
+
+  SECTION("blocks under 1 MiB are never cached; the cache holds at most 3 of the largest block") {
+    block_cache::User user;
+    block_cache::empty(1000, options);
+    CHECK(block_cache::cached_bytes() == 0);
+    {
+      std::vector<at::Tensor> blocks;
+      for (int i = 0; i < 5; ++i)
+        blocks.push_back(block_cache::empty(kFloats, options));
+    }
+    CHECK(block_cache::cached_bytes() == 3 * 2 * kMiB);
+    block_cache::trim();
+  }
+
+  SECTION("allocate() gives DataPtrs that return to the cache") {
+    block_cache::User user;
+    {
+      auto ptr = block_cache::allocate(2 * kMiB, c10::Device(c10::kCPU));
+      CHECK(ptr.get() != nullptr);
+      CHECK(ptr.device().is_cpu());
+    }
+    CHECK(block_cache::cached_bytes() == 2 * kMiB);
+  }
+  CHECK(block_cache::cached_bytes() == 0);
+}
