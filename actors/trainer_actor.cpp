@@ -25,6 +25,7 @@
 #include "core/error.hpp"
 #include "environment/local_communicator.hpp"
 #include "environment/store_protocol.hpp"
+#include "actors/store_server.hpp"
 
 namespace caftrain {
 
@@ -194,6 +195,7 @@ LaunchSpec launch_spec(Self self, WorkerSpec& ws) {
   auto& a = ls.assignment;
   a.context = ctx;
   a.trainer = caf::actor_cast<caf::actor>(self);
+  a.store = st.store;
   a.checkpoint = ws.checkpoint;
   a.storage_id = st.storage_id;
   if (ws.checkpoint)
@@ -475,6 +477,7 @@ void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest)
       ws.communicator = local[static_cast<size_t>(rank)];
     ws.run = st.spec;
     ws.trainer = self;
+    ws.store = st.store;
     ws.checkpoint = start;
     ws.first_report_index = first_index;
     auto& ctx = ws.context;
@@ -508,11 +511,7 @@ void fail_waiters(Self self, const caf::error& err) {
       if (p.pending())
         p.deliver(err);
   st.rounds.clear();
-  for (auto& [key, promises] : st.waiting)
-    for (auto& p : promises)
-      if (p.pending())
-        p.deliver(err);
-  st.waiting.clear();
+  self->send(st.store, store_fail_atom::value, err);
 }
 
 void complete_stop(Self self) {
@@ -866,17 +865,6 @@ void on_worker_exit(Self self, const WorkerExit& exit) {
     finish(self);
 }
 
-void serve_get(Self self, const std::string& key, int64_t timeout_ms, caf::response_promise rp) {
-  auto& st = self->state;
-  auto i = st.store.find(key);
-  if (i != st.store.end()) {
-    rp.deliver(i->second);
-    return;
-  }
-  st.waiting[key].push_back(rp);
-  self->delayed_send(self, std::chrono::milliseconds(timeout_ms), store_expire_atom::value, key);
-}
-
 /// The pool granted the run's bundles: attempt `attempt` starts.
 void placed(Self self, Placement& placement, int64_t attempt) {
   auto& st = self->state;
@@ -986,6 +974,11 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
   self->attach_functor([persister = st.persister] {
     caf::anon_send_exit(persister, caf::exit_reason::user_shutdown);
   });
+  // The run's rendezvous store: an actor of its own, so that an attempt's rendezvous
+  // never waits behind reports and checkpoint pieces in this mailbox. It ends with this
+  // actor.
+  st.store = self->spawn(store_server);
+  self->attach_functor([store = st.store] { caf::anon_send_exit(store, caf::exit_reason::user_shutdown); });
   st.manager = std::make_unique<CheckpointManager>(
     RetentionPolicy{opts.run.checkpoint.num_to_keep, opts.run.checkpoint.checkpoint_score_attribute,
                     opts.run.checkpoint.checkpoint_score_order},
@@ -1123,49 +1116,6 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
         return rp;
       }
       return to_persister(self, a, (fs::path(path) / file).string(), offset);
-    },
-    // -- rendezvous store --
-    [=](store_set_atom, const std::string& key, std::vector<char>& value) {
-      auto& st = self->state;
-      auto i = st.waiting.find(key);
-      if (i != st.waiting.end()) {
-        for (auto& p : i->second)
-          if (p.pending())
-            p.deliver(value);
-        st.waiting.erase(i);
-      }
-      st.store[key] = std::move(value);
-      return true;
-    },
-    [=](store_get_atom, const std::string& key, int64_t timeout_ms) {
-      auto rp = self->make_response_promise();
-      serve_get(self, key, timeout_ms, rp);
-      return rp;
-    },
-    [=](store_add_atom, const std::string& key, int64_t delta) {
-      auto& v = self->state.store[key];
-      int64_t current = 0;
-      if (v.size() == sizeof(int64_t))
-        std::memcpy(&current, v.data(), sizeof(int64_t));
-      current += delta;
-      v.resize(sizeof(int64_t));
-      std::memcpy(v.data(), &current, sizeof(int64_t));
-      return current;
-    },
-    [=](store_expire_atom, const std::string& key) {
-      auto& st = self->state;
-      auto i = st.waiting.find(key);
-      if (i == st.waiting.end())
-        return;
-      // Waiters of one key expire together: each get sets its own timer, and the first
-      // timer to fire belongs to the oldest waiter.
-      auto p = i->second.front();
-      i->second.erase(i->second.begin());
-      if (p.pending())
-        p.deliver(make_caf_error(Errc::collective_timeout,
-                                 "rendezvous key '" + key + "' was not set in time"));
-      if (i->second.empty())
-        st.waiting.erase(i);
     },
   };
 }

@@ -1,5 +1,6 @@
-// The trainer actor: supervises one run's workers, serves its rendezvous store, collects
-// reports, persists checkpoints and restarts the group after failures.
+// The trainer actor: supervises one run's workers, collects reports, has its checkpoints
+// persisted and restarts the group after failures. Its I/O actor (the persister) does the
+// disk work, its store server the rendezvous.
 #pragma once
 
 #include <map>
@@ -78,9 +79,8 @@ struct TrainerState {
   uint16_t hub_port = 0;
   /// The hub's warm spares (FailureConfig::warm_spares), else null.
   std::shared_ptr<SparePool> spares;
-  // -- rendezvous store --
-  std::map<std::string, std::vector<char>> store;
-  std::map<std::string, std::vector<caf::response_promise>> waiting;
+  /// The run's rendezvous store (store_server.hpp), an actor of its own.
+  caf::actor store;
   // -- reports and checkpoints --
   std::map<int64_t, Round> rounds;
   int64_t next_index = 0;
@@ -112,9 +112,9 @@ struct TrainerState {
   bool stop_criteria_met = false;
 };
 
-/// Spawns nothing until started (start_atom or fit_atom). See messages.hpp for the
-/// protocol: fit, start, subscribe, unsubscribe, status, cancel from callers; report,
-/// worker_exit and the store atoms from workers.
+/// Starts no worker until started (start_atom or fit_atom). See messages.hpp for the
+/// protocol: fit, start, subscribe, unsubscribe, status, cancel from callers; report and
+/// worker_exit from workers. Workers rendezvous at the run's store server (`store`).
 caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared_ptr<RunSpec> spec);
 
 /// The persister: commits checkpoints on its own thread (spawn it detached).

@@ -286,7 +286,7 @@ class ActorSession : public Session {
       return;
     }
     auto store = std::make_shared<PrefixStore>("attempt_" + std::to_string(ctx.attempt),
-                                               std::make_shared<ActorStore>(sys_, spec_.trainer));
+                                               std::make_shared<ActorStore>(sys_, spec_.store));
     std::shared_ptr<Communicator> comm;
     if (resolve_backend(spec_.run->options) == "nccl") {
 #ifdef CAFTRAIN_WITH_NCCL

@@ -46,14 +46,16 @@ struct RunSpec {
 struct WorkerSpec {
   std::shared_ptr<const RunSpec> run;
   WorkerContext context;
-  /// The trainer actor (reports, rendezvous store, exit notices).
+  /// The trainer actor (reports, exit notices).
   caf::actor trainer;
+  /// The run's rendezvous store (store_server.hpp), where gloo groups meet.
+  caf::actor store;
   /// The checkpoint the attempt starts from.
   std::optional<Checkpoint> checkpoint;
   /// Index the rank's first report gets.
   int64_t first_report_index = 0;
   /// The attempt's communicator when the trainer made it (local backend); otherwise the
-  /// worker rendezvouses a gloo communicator through the trainer's store.
+  /// worker rendezvouses a gloo communicator through the run's store.
   std::shared_ptr<Communicator> communicator;
   /// Where the end of the rank goes: unset (default) sends `(worker_exit_atom,
   /// WorkerExit)` to `trainer`; a worker process hands it to its launcher instead.

@@ -70,6 +70,7 @@ set(CAFTRAIN_SOURCES
   actors/resource_pool.cpp
   actors/result.cpp
   actors/run_files.cpp
+  actors/store_server.cpp
   actors/torch_trainer.cpp
   actors/trainer_actor.cpp
   actors/worker.cpp

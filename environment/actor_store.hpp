@@ -1,4 +1,4 @@
-// ActorStore: a Store whose keys live in an actor (the run's trainer actor).
+// ActorStore: a Store whose keys live in an actor (a run's store server, actors/store_server.hpp).
 #pragma once
 
 #include <memory>
@@ -12,8 +12,8 @@ class actor_system;
 
 namespace caftrain {
 
-/// Client of the rendezvous store the trainer actor serves (see store_protocol.hpp).
-/// Works from any thread, through the middleman for a remote trainer too.
+/// Client of a run's rendezvous store, served by its store server (actors/store_server.hpp).
+/// Works from any thread, through the middleman for a remote server too.
 class ActorStore : public Store {
  public:
   ActorStore(caf::actor_system& system, const caf::actor& server);

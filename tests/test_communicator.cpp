@@ -1,10 +1,12 @@
-// GlooCommunicator: every collective against a reference, bad inputs, timeouts and close.
+// GlooCommunicator: every collective against a reference, bad inputs, timeouts and close;
+// the store server through which a run's ranks rendezvous.
 #include <catch2/catch.hpp>
 
 #include <torch/torch.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -12,9 +14,13 @@
 #include <thread>
 #include <vector>
 
+#include "actors/messages.hpp"
+#include "actors/store_server.hpp"
 #include "core/error.hpp"
+#include "environment/actor_store.hpp"
 #include "environment/gloo_communicator.hpp"
 #include "environment/store.hpp"
+#include "environment/store_protocol.hpp"
 #include "helpers.hpp"
 
 using namespace caftrain;
@@ -611,4 +617,64 @@ TEST_CASE("ranks that pass different sizes, dtypes or operations get rank_mismat
     if (!at::equal(t, at::full({100}, 3.0f)))
       throw std::runtime_error("wrong sum");
   });
+}
+
+TEST_CASE("a run's store server answers gets once their key is set, times them out, fails them "
+          "when the run stops them, and rendezvouses gloo ranks",
+          "[communicator][store]") {
+  test::ActorSystem a;
+  auto server = a.sys.spawn(store_server);
+  ActorStore store(a.sys, server);
+  store.set("k", {'a', 'b'});
+  CHECK(store.get("k", 1s) == std::vector<char>{'a', 'b'});
+
+  // A get waits for the key, set later by another client.
+  std::thread setter([&] {
+    std::this_thread::sleep_for(100ms);
+    ActorStore(a.sys, server).set("late", {'x'});
+  });
+  CHECK(store.get("late", 10s) == std::vector<char>{'x'});
+  setter.join();
+
+  // add counts from zero, and sets its key for a get waiting on it.
+  CHECK(store.add("n", 2) == 2);
+  CHECK(store.add("n", 3) == 5);
+  std::thread adder([&] {
+    std::this_thread::sleep_for(100ms);
+    ActorStore(a.sys, server).add("m", 7);
+  });
+  auto m = store.get("m", 10s);
+  adder.join();
+  REQUIRE(m.size() == sizeof(int64_t));
+  int64_t value = 0;
+  std::memcpy(&value, m.data(), sizeof(value));
+  CHECK(value == 7);
+
+  // A key never set: the get times out with a message naming the key.
+  auto start = Clock::now();
+  CHECK_THROWS_WITH(store.get("never", 200ms), Contains("'never'") && Contains("not set in time"));
+  CHECK(ms_since(start) < 3000);
+
+  // The trainer stops an attempt: its ranks' waiting gets fail at once, not at their timeout.
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(200ms);
+    caf::anon_send(server, store_fail_atom::value, make_caf_error(Errc::cancelled, "the attempt stopped"));
+  });
+  start = Clock::now();
+  CHECK_THROWS_WITH(store.get("waits", 60s), Contains("the attempt stopped"));
+  stopper.join();
+  CHECK(ms_since(start) < 10000);
+  CHECK(store.get("k", 1s) == std::vector<char>{'a', 'b'}); // keys stay
+
+  // Two gloo ranks meet through it, as a run's workers do.
+  Group group(2);
+  run_ranks(2, [&](int rank) {
+    auto client = std::make_shared<ActorStore>(a.sys, server);
+    group[rank] = GlooCommunicator::create(std::make_shared<PrefixStore>("attempt_0", client), rank, 2);
+  });
+  std::vector<at::Tensor> t = {torch::full({5}, 1.0), torch::full({5}, 2.0)};
+  run_ranks(2, [&](int rank) { group[rank]->allreduce(t[rank])->wait(); });
+  CHECK(torch::allclose(t[0], torch::full({5}, 3.0)));
+  CHECK(torch::allclose(t[1], torch::full({5}, 3.0)));
+  caf::anon_send_exit(server, caf::exit_reason::user_shutdown);
 }
