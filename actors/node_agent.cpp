@@ -34,6 +34,15 @@ caf::behavior node_agent_actor(caf::stateful_actor<NodeAgentState>* self, std::s
           self->send_exit(st.launchers[launcher], caf::exit_reason::user_shutdown);
         }
     },
+    [=](spare_start_atom, LaunchSpec& spec) {
+      auto& st = self->state;
+      if (!st.hub.spares || ::access(spec.program.c_str(), X_OK) != 0)
+        return; // no spares here; or the run's launch here will say what is missing
+      spdlog::info("caftrain node {}: starting a warm spare for run {} ({})", st.id,
+                   spec.assignment.context.run_name, spec.spare_slot);
+      add_hub_environment(self->system(), st.hub, spec.env);
+      st.hub.spares->start(spec.spare_slot, spec);
+    },
     [=](launch_atom, LaunchSpec& spec) -> caf::result<caf::actor> {
       auto& st = self->state;
       auto rank = spec.assignment.context.world_rank;

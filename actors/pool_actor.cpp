@@ -114,6 +114,9 @@ caf::behavior pool_actor(caf::stateful_actor<PoolState>* self, std::map<std::str
           return p.reason;
       return std::string();
     },
+    [=](pool_backup_atom, const PlacementRequest& request, uint64_t id, const std::string& lost) {
+      return self->state.pool.placement_without(request, id, lost).value_or(std::vector<std::string>());
+    },
     [=](pool_add_node_atom, const std::string& id, ResourceSet& total) {
       deliver(self, self->state.pool.add_node(id, std::move(total)));
     },

@@ -38,6 +38,10 @@ using pool_add_node_atom = caf::atom_constant<caf::atom("pladdnode")>;
 /// node id): that placement is gone, its workers there with it.
 using pool_remove_node_atom = caf::atom_constant<caf::atom("plrmnode")>;
 using pool_lost_atom = caf::atom_constant<caf::atom("pllost")>;
+/// (pool_backup_atom, PlacementRequest, placement id, node id) -> std::vector<std::string>:
+/// the node of each bundle if that node were lost (`ResourcePool::placement_without`),
+/// empty when the request would not fit then.
+using pool_backup_atom = caf::atom_constant<caf::atom("plbackup")>;
 
 /// What the pool holds and who waits.
 struct PoolStatus {

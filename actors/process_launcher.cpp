@@ -71,18 +71,27 @@ void SparePool::start(const std::string& slot, const LaunchSpec& spec) {
     else if (unexpected)
       spdlog::warn("caftrain: spare worker process {} {} before it was needed", pid, describe_exit(status));
   });
-  spares_[key] = Spare{slot, trainer, pid, false, caf::actor(), reaper, gone};
+  auto devices = env.count("CUDA_VISIBLE_DEVICES") ? env.at("CUDA_VISIBLE_DEVICES") : std::string();
+  spares_[key] = Spare{slot, trainer, devices, pid, false, caf::actor(), reaper, gone};
 }
 
 std::optional<SparePool::Claimed> SparePool::claim(const std::string& slot, const caf::actor_addr& trainer,
-                                                   const caf::actor& owner) {
+                                                   const std::string& devices, const caf::actor& owner) {
   std::lock_guard<std::mutex> guard(mtx_);
-  for (auto& [key, spare] : spares_) {
-    if (spare.slot != slot || spare.trainer != trainer || spare.owner || spare.dropped || spare.gone->load())
-      continue;
+  auto usable = [&](const Spare& spare) {
+    return spare.trainer == trainer && spare.devices == devices && !spare.owner && !spare.dropped &&
+           !spare.gone->load();
+  };
+  auto take = [&](const std::string& key, Spare& spare) {
     spare.owner = owner;
     return Claimed{spare.pid, key, std::move(spare.reaper), spare.gone};
-  }
+  };
+  for (auto& [key, spare] : spares_) // the slot's own spare first
+    if (spare.slot == slot && usable(spare))
+      return take(key, spare);
+  for (auto& [key, spare] : spares_)
+    if (usable(spare))
+      return take(key, spare);
   return std::nullopt;
 }
 
@@ -273,6 +282,17 @@ void reaped(Self self, int status) {
 
 } // namespace
 
+void add_hub_environment(const caf::actor_system& system, const HubAddress& hub,
+                         std::map<std::string, std::string>& env) {
+  auto port = std::to_string(hub.port);
+  env["CAFTRAIN_WORKER_HUB"] = hub.host + ":" + port;
+  env["CAFTRAIN_WORKER_PARENT"] = std::to_string(::getpid());
+  env["MASTER_ADDR"] = hub.host;
+  env["MASTER_PORT"] = port;
+  // With this machine's identity: a node's files, not its driver's (paths on this machine).
+  add_tls_environment(system, env);
+}
+
 void add_tls_environment(const caf::actor_system& system, std::map<std::string, std::string>& env) {
   if (auto tls = tls_of(system)) {
     env["CAFTRAIN_TLS_CERT"] = tls->certificate;
@@ -288,17 +308,12 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpe
   auto me = caf::actor_cast<caf::actor>(self);
   st.spec.assignment.launcher = me;
   self->send(st.hub.hub, hub_register_atom::value, st.spec.key, me);
-  auto port = std::to_string(st.hub.port);
-  st.spec.env["CAFTRAIN_WORKER_HUB"] = st.hub.host + ":" + port;
-  st.spec.env["CAFTRAIN_WORKER_PARENT"] = std::to_string(::getpid());
-  st.spec.env["MASTER_ADDR"] = st.hub.host;
-  st.spec.env["MASTER_PORT"] = port;
-  // With this machine's identity: a node's files, not its driver's (paths on this machine).
-  add_tls_environment(self->system(), st.spec.env);
+  add_hub_environment(self->system(), st.hub, st.spec.env);
   std::shared_ptr<std::atomic<bool>> gone;
   std::optional<SparePool::Claimed> spare;
   if (st.hub.spares && !st.spec.spare_slot.empty())
-    spare = st.hub.spares->claim(st.spec.spare_slot, st.spec.assignment.trainer.address(), me);
+    spare = st.hub.spares->claim(st.spec.spare_slot, st.spec.assignment.trainer.address(),
+                                 st.spec.env["CUDA_VISIBLE_DEVICES"], me);
   if (spare) {
     // A warm spare of this rank: loaded already, waiting for its hello's answer.
     st.pid = spare->pid;

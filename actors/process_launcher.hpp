@@ -47,6 +47,9 @@ using check_atom = caf::atom_constant<caf::atom("wpcheck")>;
 /// (spare_claimed_atom, key): a launcher took over spare `key`; the hub hands it the
 /// spare's hello if the spare is waiting already.
 using spare_claimed_atom = caf::atom_constant<caf::atom("wpclaimed")>;
+/// (spare_start_atom, LaunchSpec) to a node agent: start a warm spare from the spec for
+/// the case that another node is lost (its `spare_slot` names it; see SparePool).
+using spare_start_atom = caf::atom_constant<caf::atom("wpspstart")>;
 /// (spare_due_atom): internal; the launcher's rank has run a while: its spare starts.
 using spare_due_atom = caf::atom_constant<caf::atom("wpspdue")>;
 
@@ -93,12 +96,16 @@ void add_worker_process_message_types(caf::actor_system_config& cfg);
 struct LaunchSpec;
 
 /// The warm spare processes on this machine (FailureConfig::warm_spares): at most one
-/// per slot (a rank of a run) and run (its trainer), started while the attempt trains. A
-/// spare is the program started as that rank's worker process would be, with a key of
-/// its own: it runs up to its TorchTrainer, says hello to the hub and waits there. A
-/// restart's launcher of the same slot and run claims it and answers its hello with the
-/// new attempt's assignment, so the restart skips the process start (loading the binary
-/// and its libraries, the program's code before fit). Shared by a hub and its launchers
+/// per slot and run (its trainer), started while the attempt trains; a slot is a rank
+/// of the run (the spare its launcher starts) or a spare the trainer asked this node for
+/// in case another node is lost. A spare is the program started as a worker process of
+/// the run would be, with a key of its own: it runs up to its TorchTrainer, says hello
+/// to the hub and waits there. A restart's launcher of the run claims one (its own
+/// slot's first) and answers its hello with the new attempt's assignment, so the restart
+/// skips the process start (loading the binary and its libraries, the program's code
+/// before fit). The worker process takes its rank's variables (RANK, LOCAL_RANK, ...)
+/// from that assignment; only CUDA_VISIBLE_DEVICES, read once by CUDA, must match, so a
+/// launcher claims only a spare started with the same value. Shared by a hub and its launchers
 /// (one process, hence a mutex): the driver's, for its run, or a node's, for every run
 /// that places ranks there. `drop_run` kills a run's unclaimed spares (a node's pool,
 /// when the head says the run is over), `close` every unclaimed one.
@@ -123,10 +130,10 @@ class SparePool : public std::enable_shared_from_this<SparePool> {
   /// one that is unclaimed and alive. The pool must be owned by a shared_ptr.
   void start(const std::string& slot, const LaunchSpec& spec);
 
-  /// Takes over the unclaimed live spare of `slot` of the run of `trainer` for `owner`,
-  /// if there is one.
+  /// Takes over an unclaimed live spare of the run of `trainer` whose
+  /// CUDA_VISIBLE_DEVICES is `devices` for `owner`: `slot`'s if it has one, else any.
   std::optional<Claimed> claim(const std::string& slot, const caf::actor_addr& trainer,
-                               const caf::actor& owner);
+                               const std::string& devices, const caf::actor& owner);
 
   /// Kills the unclaimed spares of the run whose trainer is actor `id` of `node` (its
   /// end); the spares it claimed are its ranks' processes, stopped with them.
@@ -143,6 +150,8 @@ class SparePool : public std::enable_shared_from_this<SparePool> {
   struct Spare {
     std::string slot;
     caf::actor_addr trainer;
+    /// Its CUDA_VISIBLE_DEVICES.
+    std::string devices;
     pid_t pid = -1;
     bool dropped = false;
     caf::actor owner;
@@ -236,6 +245,11 @@ struct LauncherState {
 /// collective timeout). Stopped, it asks the child to stop and kills it (SIGKILL) when
 /// it has not exited after RunConfig.stop_grace.
 caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpec spec, HubAddress hub);
+
+/// Adds to `env` where a worker process finds `hub` (CAFTRAIN_WORKER_HUB, MASTER_ADDR,
+/// MASTER_PORT), its parent (this process) and this system's TLS files.
+void add_hub_environment(const caf::actor_system& system, const HubAddress& hub,
+                         std::map<std::string, std::string>& env);
 
 /// Sets `CAFTRAIN_TLS_CERT`, `_KEY` and `_CA` in `env` to `system`'s TLS files when it
 /// uses TLS: a caftrain process it starts (a worker process, a job's driver) then

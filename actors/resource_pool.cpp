@@ -350,6 +350,22 @@ std::optional<Placement> ResourcePool::try_place(const PlacementRequest& request
   return commit(request, std::move(*nodes));
 }
 
+std::optional<std::vector<std::string>>
+ResourcePool::placement_without(const PlacementRequest& request, uint64_t placement_id,
+                                const std::string& lost) const {
+  if (request.bundles.empty())
+    return std::nullopt;
+  std::map<std::string, ResourceSet> room;
+  for (auto& [id, node] : nodes_)
+    if (id != lost)
+      room[id] = node.available;
+  if (auto p = placements_.find(placement_id); p != placements_.end())
+    for (size_t i = 0; i < p->second.nodes.size(); ++i)
+      if (auto r = room.find(p->second.nodes[i]); r != room.end())
+        r->second += p->second.bundles[i];
+  return assign(request, room);
+}
+
 std::pair<uint64_t, std::optional<Placement>> ResourcePool::submit(PlacementRequest request) {
   if (auto why = infeasible(request))
     throw Error(Errc::invalid_config, *why);

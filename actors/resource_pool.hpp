@@ -182,6 +182,13 @@ class ResourcePool {
   /// whose lost placements leave resources on other nodes free).
   std::vector<std::pair<uint64_t, Placement>> grant_pending();
 
+  /// Where `request`, which placement `placement_id` holds, would be placed again if node
+  /// `lost` were removed now (that placement released, every other kept), as `try_place`
+  /// would place it; nothing when it would not fit then. The pool is unchanged. A run
+  /// with warm spares starts them where this says its ranks would go after a node's loss.
+  std::optional<std::vector<std::string>>
+  placement_without(const PlacementRequest& request, uint64_t placement_id, const std::string& lost) const;
+
   /// Placements handed out and not released.
   const std::map<uint64_t, Placement>& placements() const noexcept {
     return placements_;

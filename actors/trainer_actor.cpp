@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <iomanip>
 #include <unistd.h>
 #include <filesystem>
@@ -50,6 +51,13 @@ using result_file_atom = caf::atom_constant<caf::atom("resultf")>;
 using unresult_atom = caf::atom_constant<caf::atom("unresult")>;
 /// (io_done_atom): the I/O actor quits once everything sent before is done.
 using io_done_atom = caf::atom_constant<caf::atom("iodone")>;
+/// (loss_spares_atom, attempt): internal; the attempt runs: start the spares for a node's
+/// loss (see plan_loss_spares).
+using loss_spares_atom = caf::atom_constant<caf::atom("lossspare")>;
+
+/// How long an attempt runs before the spares for a node's loss start: not at once, where
+/// they would compete with the attempt's own start (as a launcher waits for its own).
+constexpr auto kLossSparesAfter = std::chrono::milliseconds(1500);
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -265,11 +273,46 @@ void launch_process(Self self, WorkerSpec ws) {
   launch_on_node(self, st.attempt, rank, st.rank_nodes[static_cast<size_t>(rank)], std::move(spec));
 }
 
-/// Hands rank `rank`'s spec to the agent of `node`, connecting to the node directly first
-/// (its address from the head): the launcher and this trainer then talk without a hop.
-void launch_on_node(Self self, int64_t attempt, int64_t rank, std::string node, LaunchSpec spec) {
+/// Calls `then(agent)` with the agent of `node`, connecting to the node directly first
+/// (its address from the head) when this driver has not yet: launchers and this trainer
+/// then talk without a hop. Calls `give_up(why)` when the node cannot be reached.
+void with_agent(Self self, const std::string& node, std::function<void(caf::actor)> then,
+                std::function<void(const std::string&)> give_up) {
   auto& st = self->state;
+  if (auto agent = st.agents.find(node); agent != st.agents.end())
+    return then(agent->second);
   auto timeout = run_config(self).collective_timeout;
+  self->request(st.cluster->head, timeout, cluster_status_atom::value)
+    .then(
+      [=](ClusterStatus& cluster) {
+        auto found = std::find_if(cluster.nodes.begin(), cluster.nodes.end(),
+                                  [&](const NodeView& n) { return n.id == node; });
+        if (found == cluster.nodes.end())
+          return give_up("it is not in the cluster any more");
+        auto where = found->address;
+        std::pair<std::string, uint16_t> address;
+        try {
+          address = parse_address(where);
+        } catch (const Error& e) {
+          return give_up(e.what());
+        }
+        self->request(net::connector(self->system()), timeout, caf::connect_atom::value,
+                      address.first, address.second)
+          .then(
+            [=](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) {
+              if (!ptr)
+                return give_up("its agent at " + where + " is not published");
+              auto agent = caf::actor_cast<caf::actor>(ptr);
+              self->state.agents[node] = agent;
+              then(agent);
+            },
+            [=](caf::error& err) { give_up("cannot connect to it: " + self->system().render(err)); });
+      },
+      [=](caf::error& err) { give_up("the head did not answer: " + to_run_error(err).message); });
+}
+
+/// Hands rank `rank`'s spec to the agent of `node`.
+void launch_on_node(Self self, int64_t attempt, int64_t rank, std::string node, LaunchSpec spec) {
   auto give_up = [=](const std::string& why) {
     auto& st = self->state;
     if (st.result || st.attempt != attempt)
@@ -277,53 +320,121 @@ void launch_on_node(Self self, int64_t attempt, int64_t rank, std::string node, 
     on_worker_exit(self, lost_rank(self, rank, "rank " + std::to_string(rank) + ": node '" + node +
                                                  "' did not start its worker process: " + why));
   };
-  auto agent = st.agents.find(node);
-  if (agent == st.agents.end()) {
-    self->request(st.cluster->head, timeout, cluster_status_atom::value)
+  auto launch = [=](caf::actor agent) mutable {
+    auto timeout = run_config(self).collective_timeout;
+    self->request(agent, timeout, launch_atom::value, std::move(spec))
       .then(
-        [=](ClusterStatus& cluster) mutable {
-          auto found = std::find_if(cluster.nodes.begin(), cluster.nodes.end(),
-                                    [&](const NodeView& n) { return n.id == node; });
-          if (found == cluster.nodes.end())
-            return give_up("it is not in the cluster any more");
-          auto where = found->address;
-          std::pair<std::string, uint16_t> address;
-          try {
-            address = parse_address(where);
-          } catch (const Error& e) {
-            return give_up(e.what());
+        [=](caf::actor& launcher) {
+          auto& st = self->state;
+          if (st.result || st.attempt != attempt || !st.running.count(rank)) {
+            self->send_exit(launcher, caf::exit_reason::user_shutdown);
+            return;
           }
-          self->request(net::connector(self->system()), timeout, caf::connect_atom::value,
-                        address.first, address.second)
-            .then(
-              [=](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) mutable {
-                if (!ptr)
-                  return give_up("its agent at " + where + " is not published");
-                self->state.agents[node] = caf::actor_cast<caf::actor>(ptr);
-                launch_on_node(self, attempt, rank, node, std::move(spec));
-              },
-              [=](caf::error& err) { give_up("cannot connect to it: " + self->system().render(err)); });
+          self->monitor(launcher);
+          st.workers[static_cast<size_t>(rank)] = launcher;
+          if (st.stopping)
+            self->send_exit(launcher, make_caf_error(Errc::cancelled, "the attempt was stopped"));
         },
-        [=](caf::error& err) { give_up("the head did not answer: " + to_run_error(err).message); });
-    return;
+        [=](caf::error& err) {
+          self->state.agents.erase(node); // connect again next time
+          give_up(to_run_error(err).message);
+        });
+  };
+  with_agent(self, node, launch, give_up);
+}
+
+/// Where each rank of a placement (`nodes`, a node per rank) stands: its rank among its
+/// node's ranks, and the node's rank (in order of first use).
+struct Standing {
+  int64_t local_rank = 0;
+  int64_t node_rank = 0;
+  int64_t local_world_size = 0;
+};
+
+std::vector<Standing> standings(const std::vector<std::string>& nodes) {
+  std::vector<std::string> order;
+  std::map<std::string, int64_t> per_node, seen;
+  for (auto& node : nodes) {
+    if (!per_node.count(node))
+      order.push_back(node);
+    ++per_node[node];
   }
-  self->request(agent->second, timeout, launch_atom::value, std::move(spec))
-    .then(
-      [=](caf::actor& launcher) {
-        auto& st = self->state;
-        if (st.result || st.attempt != attempt || !st.running.count(rank)) {
-          self->send_exit(launcher, caf::exit_reason::user_shutdown);
-          return;
-        }
-        self->monitor(launcher);
-        st.workers[static_cast<size_t>(rank)] = launcher;
-        if (st.stopping)
-          self->send_exit(launcher, make_caf_error(Errc::cancelled, "the attempt was stopped"));
-      },
-      [=](caf::error& err) {
-        self->state.agents.erase(node); // connect again next time
-        give_up(to_run_error(err).message);
-      });
+  std::vector<Standing> result;
+  for (auto& node : nodes)
+    result.push_back({seen[node]++, std::find(order.begin(), order.end(), node) - order.begin(), per_node[node]});
+  return result;
+}
+
+/// The CUDA_VISIBLE_DEVICES of each rank standing as `where` says.
+std::vector<std::string> devices_of(Self self, const std::vector<Standing>& where) {
+  std::vector<std::string> devices;
+  for (auto& s : where)
+    devices.push_back(self->state.spec->options.scaling.use_gpu ? std::to_string(s.local_rank) : "");
+  return devices;
+}
+
+/// Warm spares for a node's loss (FailureConfig::warm_spares on a cluster). A rank's own
+/// spare is on its node and goes with it; so for each node of the placement this asks
+/// the pool where the run would be placed again without that node, and has every other
+/// node that would then hold more of the run's ranks than it holds now (per
+/// CUDA_VISIBLE_DEVICES) start the difference as spares of the run. A restart's launcher
+/// there claims one of them; a worker process takes its rank's variables from its
+/// assignment. Spares of a slot already there are not started twice.
+void plan_loss_spares(Self self, int64_t attempt) {
+  auto& st = self->state;
+  if (st.result || st.stopping || st.attempt != attempt || !st.placement || !st.placement_request)
+    return;
+  auto now = devices_of(self, standings(st.rank_nodes));
+  std::set<std::string> lost_nodes(st.rank_nodes.begin(), st.rank_nodes.end());
+  for (auto& lost : lost_nodes) {
+    self->request(st.pool, run_config(self).collective_timeout, pool_backup_atom::value,
+                  *st.placement_request, st.placement->id, lost)
+      .then(
+        [=](std::vector<std::string>& nodes) {
+          auto& st = self->state;
+          if (st.result || st.stopping || st.attempt != attempt || nodes.size() != st.rank_nodes.size())
+            return; // the run would not fit without that node: nothing to prepare for
+          auto then = devices_of(self, standings(nodes));
+          std::map<std::pair<std::string, std::string>, int64_t> extra; // (node, devices)
+          for (size_t r = 0; r < nodes.size(); ++r) {
+            ++extra[{nodes[r], then[r]}];
+            --extra[{st.rank_nodes[r], now[r]}];
+          }
+          for (auto& [where, count] : extra) {
+            auto& [node, devices] = where;
+            if (count <= 0 || node == lost)
+              continue;
+            // A spec like a rank's (its variables are the assignment's once claimed).
+            WorkerSpec ws;
+            ws.run = st.spec;
+            ws.context.world_rank = 0;
+            ws.context.world_size = static_cast<int64_t>(nodes.size());
+            ws.context.attempt = attempt;
+            ws.context.run_name = st.spec->name;
+            ws.context.run_dir = st.spec->dir;
+            ws.context.num_threads = 1;
+            std::vector<LaunchSpec> specs;
+            for (int64_t i = 0; i < count; ++i) {
+              auto spec = launch_spec(self, ws);
+              spec.env["CUDA_VISIBLE_DEVICES"] = devices;
+              spec.spare_slot = st.spec->name + "/node loss spare " + devices + "#" + std::to_string(i);
+              specs.push_back(std::move(spec));
+            }
+            with_agent(
+              self, node,
+              [=](caf::actor agent) {
+                for (auto& spec : specs)
+                  self->send(agent, spare_start_atom::value, spec);
+              },
+              [=](const std::string& why) {
+                spdlog::info("caftrain: run {}: no warm spare on node '{}': {}", self->state.spec->name, node, why);
+              });
+          }
+        },
+        [](caf::error&) {
+          // no prediction (an older head): the restart starts its processes
+        });
+  }
 }
 
 void finish(Self self) {
@@ -502,6 +613,8 @@ void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest)
       st.workers.push_back(self->spawn<caf::monitored>(worker_actor, std::move(ws)));
   }
   spdlog::debug("caftrain: run {} attempt {} started {} workers", st.spec->name, attempt, n);
+  if (st.cluster && st.spares && process_mode(self))
+    self->delayed_send(self, kLossSparesAfter, loss_spares_atom::value, attempt);
 }
 
 void fail_waiters(Self self, const caf::error& err) {
@@ -890,6 +1003,7 @@ void request_placement(Self self, int64_t attempt) {
       bundles[i].set("CPU", 1.0 + (i == 0 ? scaling.trainer_resources.cpus : 0.0));
   PlacementRequest request{st.spec->name, std::move(bundles),
                            placement_strategy_from_string(scaling.placement_strategy)};
+  st.placement_request = request;
   st.placing = true;
   self->request(st.pool, caf::infinite, pool_request_atom::value, std::move(request))
     .then([=](Placement& p) { placed(self, p, attempt); },
@@ -1081,6 +1195,7 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
     [=](report_timeout_atom, int64_t attempt, int64_t index) {
       on_report_timeout(self, attempt, index);
     },
+    [=](loss_spares_atom, int64_t attempt) { plan_loss_spares(self, attempt); },
     [=](grace_atom, int64_t attempt) {
       auto& st = self->state;
       if (st.stopping && st.attempt == attempt) {

@@ -65,6 +65,8 @@ struct TrainerState {
   std::string waiting_reason;
   /// The granted bundles; released when the run ends.
   std::optional<Placement> placement;
+  /// What the run asked the pool for (unset when its caller placed it).
+  std::optional<PlacementRequest> placement_request;
   /// True when a node of `placement` was lost: the next attempt asks the pool again.
   bool placement_lost = false;
   /// The cluster this run's workers are placed on (the driver connected to one).

@@ -169,6 +169,15 @@ void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
              [&](caf::error& err) { give_up("the run refused this worker: " + system.render(err)); });
   if (!assigned)
     give_up("no assignment from the run");
+  // A warm spare was started before it knew which rank it would be (for another rank, or
+  // for a node's loss): torch's variables follow the assignment, as a rank's own process
+  // had them from the start. Set before the training function runs (no thread of ours
+  // reads the environment meanwhile).
+  auto& c = a.context;
+  for (auto& [name, value] : std::initializer_list<std::pair<const char*, int64_t>>{
+         {"RANK", c.world_rank}, {"LOCAL_RANK", c.local_rank}, {"WORLD_SIZE", c.world_size},
+         {"LOCAL_WORLD_SIZE", c.local_world_size}, {"NODE_RANK", c.node_rank}, {"OMP_NUM_THREADS", c.num_threads}})
+    ::setenv(name, std::to_string(value).c_str(), 1);
   // This process's train function, with the driver's view of the run.
   auto run = std::make_shared<RunSpec>();
   run->train_func = spec.train_func;

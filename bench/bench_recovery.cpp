@@ -24,12 +24,14 @@
 // while the attempt trains (rank 1 waits 3 s before it dies, so that they are loaded),
 // and the restart takes them over instead of starting processes.
 //
-//   build/bench/bench_recovery --cluster --repeats 5
+//   build/bench/bench_recovery --cluster [--spares] --repeats 5
 //
 // starts a cluster on this machine (`caftrain head` and 3 `caftrain node --cpus 1`), runs
 // the 2 workers on its nodes, and the failure is a SIGKILL of rank 1's node (its worker
 // process dies with it): recovery is then from the kill to the first step of the new
 // attempt on the nodes left. A fresh node replaces the killed one before the next repeat.
+// With --spares the nodes keep warm spares: each rank's own, and on the free node one for
+// the loss of either node (rank 1 waits 3 s before its node dies, so that they are loaded).
 #include <torch/torch.h>
 
 #include <signal.h>

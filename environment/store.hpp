@@ -13,7 +13,7 @@
 namespace caftrain {
 
 /// A key-value store shared by the ranks of a run (gloo's and c10d's rendezvous store).
-/// The trainer actor serves one per run (`ActorStore` is its client); `InMemoryStore`
+/// Each run's store server actor serves one (`ActorStore` is its client); `InMemoryStore`
 /// serves threads of one process. Keys are written once per attempt: a new attempt uses a
 /// new `PrefixStore`, so stale values of a failed attempt are never read.
 class Store {

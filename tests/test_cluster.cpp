@@ -199,18 +199,31 @@ Result run_on_threads(const TorchTrainerOptions& o) {
   return TorchTrainer(local.sys, train_func, o).fit();
 }
 
-/// In the driver (not in its worker processes): a head and the nodes "node-a" and
-/// "node-b" of 1 CPU each into `cluster`, `s` connected to it, and `o`'s out directory.
-void start_two_nodes(std::optional<Cluster>& cluster, const test::TempDir& dir, System& s,
-                     const TorchTrainerOptions& o) {
+/// In the driver (not in its worker processes): a head and `nodes` of 1 CPU each into
+/// `cluster`, `s` connected to it, and `o`'s out directory.
+void start_nodes(std::optional<Cluster>& cluster, const test::TempDir& dir, System& s,
+                 const TorchTrainerOptions& o, const std::vector<std::string>& nodes = {"node-a", "node-b"}) {
   if (is_worker_process())
     return;
   cluster.emplace(dir);
   REQUIRE_FALSE(cluster->address.empty());
-  cluster->add_node("node-a", 1);
-  cluster->add_node("node-b", 1);
-  REQUIRE(cluster->connect_and_wait(s.sys, 2));
+  for (auto& name : nodes)
+    cluster->add_node(name, 1);
+  REQUIRE(cluster->connect_and_wait(s.sys, nodes.size()));
   fs::create_directories(o.train_loop_config.get<std::string>("out"));
+}
+
+/// Fits `trainer`, whose run fails once, and checks that it ends as `undisturbed` did:
+/// in 2 attempts, with all 12 reports and the same weights.
+Result fit_recovered(TorchTrainer& trainer, const Result& undisturbed) {
+  auto result = trainer.fit();
+  INFO((result.error ? result.error->message : ""));
+  REQUIRE(undisturbed.ok());
+  REQUIRE(result.ok());
+  CHECK(result.attempts == 2);
+  REQUIRE(result.metrics_history.size() == 12);
+  test::check_same_weights(undisturbed, result);
+  return result;
 }
 
 } // namespace
@@ -222,7 +235,7 @@ TEST_CASE("A head and two nodes run a 2-worker DDP run across both nodes and end
   auto by_threads = run_on_threads(threads);
   std::optional<Cluster> cluster;
   System s;
-  start_two_nodes(cluster, dir, s, spread);
+  start_nodes(cluster, dir, s, spread);
   auto by_cluster = TorchTrainer(s.sys, train_func, spread).fit();
   INFO((by_cluster.error ? by_cluster.error->message : ""));
   REQUIRE(by_threads.ok());
@@ -282,14 +295,7 @@ TEST_CASE("A node SIGKILLed mid-run is detected at once and the run ends on the 
   faulty.run.callbacks = {failure};
   std::optional<Cluster> cluster;
   System s;
-  if (!is_worker_process()) {
-    cluster.emplace(dir);
-    REQUIRE_FALSE(cluster->address.empty());
-    for (auto name : {"node-a", "node-b", "node-c"})
-      cluster->add_node(name, 1);
-    REQUIRE(cluster->connect_and_wait(s.sys, 3));
-    fs::create_directories(faulty.train_loop_config.get<std::string>("out"));
-  }
+  start_nodes(cluster, dir, s, faulty, {"node-a", "node-b", "node-c"});
   TorchTrainer trainer(s.sys, train_func, faulty);
   trainer.start(); // a worker process runs its rank here and ends
   auto node_pid = kill_stuck_node(faulty);
@@ -320,6 +326,81 @@ TEST_CASE("A node SIGKILLed mid-run is detected at once and the run ends on the 
   CHECK(cluster->status(s.sys).nodes.size() == 2);
 }
 
+TEST_CASE("With warm spares a node SIGKILLed mid-run is replaced by a spare the free node started for that loss; "
+          "the spare takes its rank's variables and the run ends like an undisturbed run", "[cluster][spares]") {
+  test::TempDir dir;
+  auto clean = options(dir, "clean", "thread");
+  auto faulty = options(dir, "faulty", "process");
+  faulty.train_loop_config.set("wait_for_kill", true);
+  faulty.run.failure.max_failures = 1;
+  faulty.run.failure.warm_spares = true;
+  auto stamps = dir / "stamps";
+  faulty.train_loop_config.set("stamps", stamps);
+  auto undisturbed = run_on_threads(clean);
+  std::optional<Cluster> cluster;
+  System s;
+  start_nodes(cluster, dir, s, faulty, {"node-a", "node-b", "node-c"});
+  if (!is_worker_process())
+    fs::create_directories(stamps);
+  TorchTrainer trainer(s.sys, train_func, faulty);
+  trainer.start(); // a worker process runs its rank here and ends
+  // Rank 1 waits at step 7; the node without a rank starts a spare for either node's loss.
+  auto marker = faulty.train_loop_config.get<std::string>("out") + "/stuck";
+  auto deadline = Clock::now() + std::chrono::seconds(120);
+  while (!fs::exists(marker) && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(fs::exists(marker));
+  std::set<std::string> used = {where(faulty, 0, 0).at(1), where(faulty, 0, 1).at(1)};
+  std::string free_node;
+  for (auto name : {"node-a", "node-b", "node-c"})
+    if (!used.count(std::to_string(cluster->node_pid(name))))
+      free_node = name;
+  REQUIRE_FALSE(free_node.empty());
+  deadline = Clock::now() + std::chrono::seconds(60);
+  while (test::children_of(cluster->node_pid(free_node)).empty() && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  REQUIRE(test::children_of(cluster->node_pid(free_node)).size() == 1); // one spare, not one per loss
+  auto node_pid = kill_stuck_node(faulty);
+  auto result = fit_recovered(trainer, undisturbed);
+  // Attempt 1 ran on the two nodes left, both ranks on spares (the free node's, started
+  // for this loss, and the surviving rank's own), each with its rank's variables:
+  // RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE NODE_RANK as the context says.
+  bool on_free_node = false;
+  for (int rank : {0, 1}) {
+    auto w = where(faulty, 1, rank);
+    REQUIRE(w.size() == 9);
+    CAPTURE(rank, w);
+    CHECK(w[1] != node_pid);
+    on_free_node = on_free_node || w[1] == std::to_string(cluster->node_pid(free_node));
+    CHECK(w[2] == std::to_string(rank));
+    CHECK(w[3] == w[8]);
+    CHECK(w[4] == "2");
+    CHECK(w[5] == "1");
+    CHECK(w[6] == w[7]);
+    std::ifstream f(stamps + "/a1-r" + std::to_string(rank));
+    std::string pid, spare;
+    f >> pid >> spare;
+    CHECK(spare == "1");
+  }
+  CHECK(on_free_node);
+  check_none_left(faulty);
+  // No spare outlives the run.
+  deadline = Clock::now() + std::chrono::seconds(5);
+  auto left = [&] {
+    std::vector<std::string> all;
+    for (auto name : {"node-a", "node-b", "node-c"})
+      if (std::to_string(cluster->node_pid(name)) != node_pid) {
+        auto c = test::children_of(cluster->node_pid(name));
+        all.insert(all.end(), c.begin(), c.end());
+      }
+    return all;
+  };
+  while (!left().empty() && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(left().empty());
+}
+
 TEST_CASE("With warm spares a worker process SIGKILLed on a node restarts on the spare its node started, ends like an undisturbed run, and no spare outlives the run", "[cluster][spares]") {
   test::TempDir dir;
   auto threads = options(dir, "threads", "thread");
@@ -333,7 +414,7 @@ TEST_CASE("With warm spares a worker process SIGKILLed on a node restarts on the
   auto by_threads = run_on_threads(threads);
   std::optional<Cluster> cluster;
   System s;
-  start_two_nodes(cluster, dir, s, spared);
+  start_nodes(cluster, dir, s, spared);
   if (!is_worker_process())
     fs::create_directories(stamps);
   auto r = TorchTrainer(s.sys, train_func, spared).fit();
@@ -419,13 +500,7 @@ TEST_CASE("Nodes that do not see the driver's storage send their checkpoints as 
   TorchTrainer trainer(s.sys, train_func, faulty);
   trainer.start(); // a worker process runs its rank here and ends
   kill_stuck_node(faulty);
-  auto result = trainer.fit();
-  INFO((result.error ? result.error->message : ""));
-  REQUIRE(undisturbed.ok());
-  REQUIRE(result.ok());
-  CHECK(result.attempts == 2);
-  REQUIRE(result.metrics_history.size() == 12);
-  test::check_same_weights(undisturbed, result);
+  auto result = fit_recovered(trainer, undisturbed);
   // Every rank ran where the run directory is not visible; attempt 1 resumed from a copy
   // of the driver's checkpoint fetched into its node's TMPDIR.
   for (int attempt : {0, 1})

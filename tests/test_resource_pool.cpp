@@ -1,6 +1,9 @@
 // The resource pool: placements of bundles over nodes, queues, and clear refusals.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <map>
+
 #include "actors/resource_pool.hpp"
 #include "core/error.hpp"
 
@@ -143,6 +146,37 @@ TEST_CASE("a smaller request passes a waiting larger one when it fits", "[pool]"
   CHECK_FALSE(large);
   auto [t3, small] = pool.submit(request("small", 1, {{"CPU", 1}}));
   CHECK(small);
+}
+
+TEST_CASE("placement_without says where a placement would go again after a node's loss, "
+          "as the placement after that loss then goes, and changes nothing", "[pool]") {
+  ResourcePool pool;
+  for (auto id : {"a", "b", "c"})
+    pool.add_node(id, {{"CPU", 1}});
+  auto req = request("run", 2, {{"CPU", 1}}, PlacementStrategy::spread);
+  auto p = pool.try_place(req);
+  REQUIRE(p);
+  auto other = pool.try_place(request("other", 1, {{"CPU", 1}}));
+  REQUIRE(other); // the third node is taken: a loss leaves no room for the run
+  for (auto& lost : p->nodes)
+    CHECK_FALSE(pool.placement_without(req, p->id, lost));
+  pool.release(other->id);
+  std::map<std::string, std::vector<std::string>> predicted;
+  for (auto& lost : p->nodes) {
+    auto where = pool.placement_without(req, p->id, lost);
+    REQUIRE(where);
+    CHECK(std::find(where->begin(), where->end(), lost) == where->end());
+    predicted[lost] = *where;
+  }
+  // Nothing changed: the placement is whole and the free node is free.
+  CHECK(pool.placements().size() == 1);
+  CHECK(pool.available() == ResourceSet({{"CPU", 1}}));
+  // A node is lost: placed again, the run goes where the prediction said.
+  auto lost = p->nodes[1];
+  pool.remove_node(lost);
+  auto again = pool.try_place(req);
+  REQUIRE(again);
+  CHECK(again->nodes == predicted[lost]);
 }
 
 TEST_CASE("losing a node ends the placements on it and frees their other bundles", "[pool]") {
