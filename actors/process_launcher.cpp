@@ -262,6 +262,7 @@ void reaped(Self self, int status) {
     out = failure(self, Errc::cancelled,
                   rank_prefix(self) + " did not stop within RunConfig.stop_grace (" +
                     std::to_string(grace) + " s) and was killed");
+    spdlog::warn("caftrain: {}", out.error.message); // a stop that should have been prompt
   } else if (exited_cleanly(status)) {
     out = failure(self, Errc::worker_failed,
                   rank_prefix(self) + " exited before its rank ended: the program must reach "

@@ -145,7 +145,7 @@ T* typed(const at::Tensor& tensor) {
 /// meanwhile. gloo writes to its sockets with writev, which raises SIGPIPE when the peer
 /// has reset the connection, and SIGPIPE kills the process by default. Blocked in the
 /// threads that write (gloo's network thread and our communication thread, both started
-/// in `create`, and a caller that runs a collective inline in `Work::wait`), the write fails with EPIPE and the collective with an error instead,
+/// in `create`), the write fails with EPIPE and the collective with an error instead,
 /// and the process's signal disposition stays the caller's.
 class SigpipeBlocked {
  public:
@@ -275,18 +275,12 @@ class GlooWork : public Work {
   void wait(std::chrono::milliseconds timeout) override {
     if (timeout.count() <= 0)
       timeout = timeout_;
-    // A waiter whose work is next in line runs it on its own thread: the hand-over to the
-    // communication thread costs a wake-up, which on a busy machine is milliseconds. Not
-    // with a timeout shorter than the collective's own: gloo would block past it.
-    if (timeout >= timeout_) {
-      std::function<void(GlooWork*)> run_inline;
-      {
-        std::lock_guard<std::mutex> guard(mtx_);
-        run_inline = std::move(inline_);
-      }
-      if (run_inline)
-        run_inline(this);
-    }
+    // Every collective runs on the communication thread, never on the waiter's: gloo
+    // blocks the thread that runs one until its own timeout, whatever happens to the
+    // peers, and only a waiter on this condition variable can be woken by `close()` (a
+    // rank told to stop). Until 2026-12-07 a waiter whose work was next in line ran it
+    // itself, saving a wake-up; an FSDP rank stopped inside a gather then sat out its
+    // stop_grace and was killed.
     std::unique_lock<std::mutex> guard(mtx_);
     if (!cv_.wait_for(guard, timeout, [this] { return done_; }))
       throw Error(Errc::collective_timeout,
@@ -333,12 +327,6 @@ class GlooWork : public Work {
   /// gloo tag: the collective's sequence number, the same on every rank.
   const uint32_t tag;
 
-  /// Makes `wait` run this work on the caller's thread when it is next in line.
-  void set_inline(std::function<void(GlooWork*)> fn) {
-    std::lock_guard<std::mutex> guard(mtx_);
-    inline_ = std::move(fn);
-  }
-
   /// What this rank asked for (`kFingerprintWords` words: operation, dtype, element
   /// count, reduction or root), and the same from every rank, filled by the exchange.
   std::vector<int64_t> fingerprints;
@@ -346,7 +334,6 @@ class GlooWork : public Work {
   std::unique_ptr<gloo::transport::UnboundBuffer> fingerprint_recv;
 
  private:
-  std::function<void(GlooWork*)> inline_;
   const std::chrono::milliseconds timeout_;
   mutable std::mutex mtx_;
   std::condition_variable cv_;
@@ -408,8 +395,6 @@ struct GlooCommunicator::State {
   bool stop = false;
   bool thread_exited = false;
   std::thread thread;
-  /// This state itself, for the inline runner of each work (set by `create`).
-  std::weak_ptr<State> self;
 
   // -- issuing ----------------------------------------------------------------------
 
@@ -431,42 +416,11 @@ struct GlooCommunicator::State {
         queue.push_back(work);
       }
     }
-    if (refused) {
+    if (refused)
       work->complete(refused);
-    } else {
-      std::weak_ptr<State> weak = self;
-      work->set_inline([weak](GlooWork* w) {
-        if (auto state = weak.lock())
-          state->run_inline(w);
-      });
+    else
       cv.notify_all();
-    }
     return work;
-  }
-
-  /// Runs `work` on the calling thread when it is at the head of the queue and nothing
-  /// runs (so issue order holds); otherwise leaves it to the communication thread.
-  void run_inline(GlooWork* w) {
-    std::shared_ptr<GlooWork> work;
-    {
-      std::lock_guard<std::mutex> guard(mtx);
-      if (running || queue.empty() || queue.front().get() != w)
-        return;
-      work = std::move(queue.front());
-      queue.pop_front();
-      running = work;
-    }
-    {
-      // The caller's thread writes to gloo's sockets now: a peer's reset must fail the
-      // collective (EPIPE), not kill the process with SIGPIPE.
-      SigpipeBlocked blocked;
-      execute(*work);
-    }
-    {
-      std::lock_guard<std::mutex> guard(mtx);
-      running.reset();
-    }
-    cv.notify_all(); // the communication thread may wait for `running` to clear
   }
 
   // -- signatures -------------------------------------------------------------------
@@ -555,7 +509,7 @@ struct GlooCommunicator::State {
       std::shared_ptr<GlooWork> work;
       {
         std::unique_lock<std::mutex> guard(mtx);
-        cv.wait(guard, [this] { return stop || (!queue.empty() && !running); });
+        cv.wait(guard, [this] { return stop || !queue.empty(); });
         if (queue.empty())
           break;
         work = std::move(queue.front());
@@ -753,7 +707,6 @@ std::shared_ptr<GlooCommunicator> GlooCommunicator::create(std::shared_ptr<Store
   }
   auto state = std::make_shared<State>(std::move(context), options.timeout,
                                        options.check_signatures);
-  state->self = state;
   state->thread = std::thread([state] {
     pthread_setname_np(pthread_self(), "caftrain.gloo");
     state->run();

@@ -143,8 +143,13 @@ void train_func(const Config& c) {
   // Ballast: a buffer that makes every checkpoint slow to persist (the race tests).
   if (auto mib = c.get<int64_t>("ballast_mib", 0))
     model->register_buffer("ballast", torch::ones({mib << 18}));
+  std::shared_ptr<Strategy> strategy;
+  if (c.get<std::string>("strategy", "ddp") == "fsdp")
+    strategy = std::make_shared<FSDPStrategy>();
+  else
+    strategy = std::make_shared<DDPStrategy>(DDPOptions{.broadcast_buffers = false});
   Trainer trainer({.max_epochs = 2,
-                   .strategy = DDPStrategy({.broadcast_buffers = false}),
+                   .strategy = strategy,
                    .plugins = {ActorEnvironment()},
                    .callbacks = {Injector(c.get<int64_t>("fail_rank"), c.get<int64_t>("fail_step"),
                                           c.get<int64_t>("fail_attempts"),
@@ -291,6 +296,34 @@ TEST_CASE("max_failures = 0 fails fast with the worker's error", "[fault]") {
   // The checkpoint taken before the failure is kept.
   REQUIRE(r.checkpoint);
   CHECK(r.checkpoint->metadata().global_step == 3);
+}
+
+TEST_CASE("A rank waiting in an FSDP gather over gloo when its peer fails stops at once, not after "
+          "its stop grace", "[fault][sharded]") {
+  // Rank 1 raises before step 4; rank 0 is then in its forward, waiting in the gather of
+  // a unit for rank 1. The run must end with rank 1's error as soon as the group is told
+  // to stop: the gather's wait is woken by the communicator's close. (Until 2026-12-07
+  // gloo ran a gather on the waiting thread itself, which nothing could wake: rank 0 sat
+  // out the stop grace, as an FSDP rank on a lost node's peer did on a cluster.)
+  test::TempDir dir;
+  System s;
+  TorchTrainerOptions o;
+  o.train_loop_config = {{"fail_rank", int64_t{1}}, {"fail_step", int64_t{4}}, {"fail_attempts", int64_t{1}},
+                         {"strategy", std::string("fsdp")}};
+  o.scaling.num_workers = 2;
+  o.torch_config.backend = "gloo";
+  o.run.name = "fsdp_stop";
+  o.run.storage_path = dir.path();
+  o.run.failure.max_failures = 0;
+  o.run.stop_grace = std::chrono::seconds(30);
+  auto start = std::chrono::steady_clock::now();
+  auto r = TorchTrainer(s.sys, train_func, o).fit();
+  auto took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  REQUIRE(r.error);
+  CHECK(r.error->rank == 1);
+  CHECK_THAT(r.error->message, Contains("injected failure at step 4"));
+  CAPTURE(took);
+  CHECK(took < 10.0); // the whole fit, setup included; the grace alone is 30 s
 }
 
 TEST_CASE("max_failures = -1 keeps retrying until the run succeeds", "[fault]") {
