@@ -20,12 +20,13 @@
 
 namespace caftrain::transfer {
 
-/// Worker -> trainer (delegated to the run's I/O actor):
+/// Worker -> the run's file gate (`file_gate` of trainer_actor.hpp, which hands them to
+/// the run's I/O actor):
 ///   (upload_atom, upload, file, offset, bytes) -> uint64_t: the next piece of a file;
 ///   (upload_atom, upload, file, size, crc32) -> bool: the file is complete and checked;
 ///   (upload_atom, upload) -> string: the upload is complete; its directory on the driver.
 using upload_atom = caf::atom_constant<caf::atom("ckupload")>;
-/// Worker -> trainer: (fetch_atom, checkpoint path, file, offset) -> string: a piece of a
+/// Worker -> file gate: (fetch_atom, checkpoint path, file, offset) -> string: a piece of a
 /// file of a checkpoint the trainer handed to its workers.
 using fetch_atom = caf::atom_constant<caf::atom("ckfetch")>;
 
@@ -44,10 +45,10 @@ bool sees_storage(const std::string& run_dir, const std::string& id);
 /// (`<tmp>/caftrain-worker-<pid>`); a worker process removes it when it ends.
 std::string local_root();
 
-/// Worker: sends every file under `dir` to `trainer` as upload `name` (letters, digits,
+/// Worker: sends every file under `dir` to the run's file gate `gate` as upload `name` (letters, digits,
 /// '-', '_', '.'); returns the directory on the driver's side that now holds them.
 /// Throws `Error` naming the file when a message fails or the driver refuses a piece.
-std::string upload(caf::actor_system& sys, const caf::actor& trainer, const std::string& dir,
+std::string upload(caf::actor_system& sys, const caf::actor& gate, const std::string& dir,
                    const std::string& name, std::chrono::milliseconds timeout);
 
 /// Which files `download` fetches before it returns.
@@ -65,9 +66,9 @@ enum class Fetch {
 /// into `local_dir` (all, or all but the rank shards: `fetch`), checking each file's size
 /// and CRC-32 against its metadata, and opens the copy. Throws
 /// `Error(corrupt_checkpoint)` for a file that arrives altered, then or on demand. The
-/// copy must stay reachable through `sys` and `trainer` while files may be named, and
+/// copy must stay reachable through `sys` and `gate` (the run's file gate) while files may be named, and
 /// be removed with `forget_copy`.
-Checkpoint download(caf::actor_system& sys, const caf::actor& trainer, const Checkpoint& ckpt,
+Checkpoint download(caf::actor_system& sys, const caf::actor& gate, const Checkpoint& ckpt,
                     const std::string& local_dir, std::chrono::milliseconds timeout,
                     Fetch fetch = Fetch::all);
 

@@ -56,9 +56,10 @@ using spare_due_atom = caf::atom_constant<caf::atom("wpspdue")>;
 /// What a worker process runs: its rank's context and start, and the run it belongs to.
 struct ProcessAssignment {
   WorkerContext context;
-  /// The run's trainer actor (reports, heartbeat) and its rendezvous store.
+  /// The run's trainer actor (reports, heartbeat), its rendezvous store and its file gate.
   caf::actor trainer;
   caf::actor store;
+  caf::actor files;
   /// The launcher, which takes the rank's WorkerExit.
   caf::actor launcher;
   std::optional<Checkpoint> checkpoint;
@@ -83,7 +84,7 @@ typename Inspector::result_type inspect(Inspector& f, WorkerContext& x) {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ProcessAssignment& x) {
-  return f(caf::meta::type_name("ProcessAssignment"), x.context, x.trainer, x.store, x.launcher,
+  return f(caf::meta::type_name("ProcessAssignment"), x.context, x.trainer, x.store, x.files, x.launcher,
            x.checkpoint, x.first_report_index, x.train_loop_config, x.backend,
            x.report_timeout_ms, x.collective_timeout_ms, x.heartbeat_timeout_ms, x.storage_id);
 }

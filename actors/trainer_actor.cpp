@@ -51,6 +51,8 @@ using result_file_atom = caf::atom_constant<caf::atom("resultf")>;
 using unresult_atom = caf::atom_constant<caf::atom("unresult")>;
 /// (io_done_atom): the I/O actor quits once everything sent before is done.
 using io_done_atom = caf::atom_constant<caf::atom("iodone")>;
+/// (serve_files_atom, checkpoint path, files): the file gate lets workers fetch them.
+using serve_files_atom = caf::atom_constant<caf::atom("servefiles")>;
 /// (loss_spares_atom, attempt): internal; the attempt runs: start the spares for a node's
 /// loss (see plan_loss_spares).
 using loss_spares_atom = caf::atom_constant<caf::atom("lossspare")>;
@@ -168,24 +170,14 @@ std::string own_executable() {
   return ec ? std::string("/proc/self/exe") : path.string();
 }
 
-/// Hands the current request to the run's I/O actor, which answers it.
-template <class... Ts>
-caf::response_promise to_persister(Self self, Ts&&... xs) {
-  auto rp = self->make_response_promise();
-  if (self->state.persister)
-    rp.delegate(self->state.persister, std::forward<Ts>(xs)...);
-  else
-    rp.deliver(make_caf_error(Errc::io_error, "the run's I/O actor has ended"));
-  return rp;
-}
-
 /// Lets worker processes that do not see the run's storage fetch `ckpt`'s files.
 void serve(Self self, const Checkpoint& ckpt) {
   if (!process_mode(self))
     return;
-  auto& files = self->state.served[ckpt.path()];
+  std::vector<std::string> files;
   for (auto& [file, digest] : ckpt.metadata().files)
-    files.insert(file);
+    files.push_back(file);
+  self->send(self->state.files, serve_files_atom::value, ckpt.path(), std::move(files));
 }
 
 /// How rank `ws.context.world_rank` is started as a worker process: what it is told at
@@ -204,6 +196,7 @@ LaunchSpec launch_spec(Self self, WorkerSpec& ws) {
   a.context = ctx;
   a.trainer = caf::actor_cast<caf::actor>(self);
   a.store = st.store;
+  a.files = st.files;
   a.checkpoint = ws.checkpoint;
   a.storage_id = st.storage_id;
   if (ws.checkpoint)
@@ -589,6 +582,7 @@ void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest)
     ws.run = st.spec;
     ws.trainer = self;
     ws.store = st.store;
+    ws.files = st.files;
     ws.checkpoint = start;
     ws.first_report_index = first_index;
     auto& ctx = ws.context;
@@ -1093,6 +1087,9 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
   // actor.
   st.store = self->spawn(store_server);
   self->attach_functor([store = st.store] { caf::anon_send_exit(store, caf::exit_reason::user_shutdown); });
+  // Checkpoint files that travel as messages pass by the trainer's mailbox.
+  st.files = self->spawn(file_gate, st.persister, st.spec->dir);
+  self->attach_functor([files = st.files] { caf::anon_send_exit(files, caf::exit_reason::user_shutdown); });
   st.manager = std::make_unique<CheckpointManager>(
     RetentionPolicy{opts.run.checkpoint.num_to_keep, opts.run.checkpoint.checkpoint_score_attribute,
                     opts.run.checkpoint.checkpoint_score_order},
@@ -1207,19 +1204,29 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
         complete_stop(self);
       }
     },
-    // -- checkpoints of worker processes that do not see the storage (the I/O actor
-    //    writes and reads the files) --
-    [=](transfer::upload_atom a, std::string& name, std::string& file, uint64_t offset,
-        std::string& bytes) {
-      return to_persister(self, a, self->state.spec->dir, std::move(name), std::move(file), offset,
-                          std::move(bytes));
+  };
+}
+
+caf::behavior file_gate(caf::stateful_actor<FileGateState>* self, caf::actor persister, std::string dir) {
+  self->state.persister = std::move(persister);
+  self->state.dir = std::move(dir);
+  // Hands the current request to the persister, which answers it.
+  auto pass = [self](auto&&... xs) {
+    auto rp = self->make_response_promise();
+    rp.delegate(self->state.persister, std::forward<decltype(xs)>(xs)...);
+    return rp;
+  };
+  return {
+    [=](serve_files_atom, const std::string& path, const std::vector<std::string>& files) {
+      self->state.served[path].insert(files.begin(), files.end());
+    },
+    [=](transfer::upload_atom a, std::string& name, std::string& file, uint64_t offset, std::string& bytes) {
+      return pass(a, self->state.dir, std::move(name), std::move(file), offset, std::move(bytes));
     },
     [=](transfer::upload_atom a, std::string& name, std::string& file, uint64_t size, uint32_t crc) {
-      return to_persister(self, a, self->state.spec->dir, std::move(name), std::move(file), size, crc);
+      return pass(a, self->state.dir, std::move(name), std::move(file), size, crc);
     },
-    [=](transfer::upload_atom a, std::string& name) {
-      return to_persister(self, a, self->state.spec->dir, std::move(name));
-    },
+    [=](transfer::upload_atom a, std::string& name) { return pass(a, self->state.dir, std::move(name)); },
     [=](transfer::fetch_atom a, const std::string& path, const std::string& file, uint64_t offset) {
       auto& served = self->state.served;
       auto i = served.find(path);
@@ -1230,7 +1237,7 @@ caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared
                                   "handed to its workers"));
         return rp;
       }
-      return to_persister(self, a, (fs::path(path) / file).string(), offset);
+      return pass(a, (fs::path(path) / file).string(), offset);
     },
   };
 }

@@ -103,9 +103,9 @@ struct TrainerState {
   /// The id written into the run directory, by which a worker process tells whether it
   /// sees the driver's storage (else its checkpoints travel as messages).
   std::string storage_id;
-  /// The files of each checkpoint handed to workers (an attempt's start, a report's
-  /// commit): what a worker process that does not see the storage may fetch.
-  std::map<std::string, std::set<std::string>> served;
+  /// The run's file gate (file_gate), through which worker processes that do not see
+  /// the storage upload and fetch checkpoint files.
+  caf::actor files;
   // -- callers --
   std::vector<caf::actor> subscribers;
   std::vector<caf::response_promise> fit_promises;
@@ -118,6 +118,23 @@ struct TrainerState {
 /// protocol: fit, start, subscribe, unsubscribe, status, cancel from callers; report and
 /// worker_exit from workers. Workers rendezvous at the run's store server (`store`).
 caf::behavior trainer_actor(caf::stateful_actor<TrainerState>* self, std::shared_ptr<RunSpec> spec);
+
+struct FileGateState {
+  static inline const char* name = "caftrain.files";
+  caf::actor persister;
+  /// The run's directory.
+  std::string dir;
+  /// Files of the checkpoints the trainer handed to worker processes, by checkpoint path.
+  std::map<std::string, std::set<std::string>> served;
+};
+
+/// The run's door for checkpoint files that travel as messages (worker processes that do
+/// not see the run's storage; see checkpoint_transfer.hpp): uploads go to the persister
+/// with the run's directory, fetches only for files of checkpoints the trainer handed out
+/// (`(serve_files_atom, path, files)` from the trainer). An actor of its own, so that
+/// the pieces of a checkpoint never queue in the trainer's mailbox ahead of reports,
+/// exits and heartbeats.
+caf::behavior file_gate(caf::stateful_actor<FileGateState>* self, caf::actor persister, std::string dir);
 
 /// The persister: commits checkpoints on its own thread (spawn it detached).
 caf::behavior persister_actor(caf::event_based_actor* self);

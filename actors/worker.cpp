@@ -243,7 +243,7 @@ class ActorSession : public Session {
     auto name = "a" + std::to_string(r.attempt) + "-r" + std::to_string(r.rank) + "-i" +
                 std::to_string(r.index) + "-" + std::to_string(::getpid());
     auto timeout = spec_.run->options.run.report_timeout + std::chrono::seconds(30);
-    auto remote = transfer::upload(sys_, spec_.trainer, dir, name, timeout);
+    auto remote = transfer::upload(sys_, spec_.files, dir, name, timeout);
     auto staging = std::filesystem::path(transfer::local_root()) / "staging";
     if (dir.compare(0, staging.string().size(), staging.string()) == 0) {
       std::error_code ec;
@@ -267,7 +267,7 @@ class ActorSession : public Session {
     }
     auto timeout = spec_.run->options.run.report_timeout + std::chrono::seconds(30);
     // A sharded checkpoint's rank shards arrive when this rank's load names them.
-    copy_ = transfer::download(sys_, spec_.trainer, ckpt, dir.string(), timeout,
+    copy_ = transfer::download(sys_, spec_.files, ckpt, dir.string(), timeout,
                                transfer::Fetch::shards_on_demand);
     copy_of_ = ckpt.path();
     return *copy_;

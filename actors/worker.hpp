@@ -50,6 +50,9 @@ struct WorkerSpec {
   caf::actor trainer;
   /// The run's rendezvous store (store_server.hpp), where gloo groups meet.
   caf::actor store;
+  /// The run's file gate (trainer_actor.hpp): checkpoint files of a worker that does not
+  /// see the run's storage travel through it (uploads, fetches).
+  caf::actor files;
   /// The checkpoint the attempt starts from.
   std::optional<Checkpoint> checkpoint;
   /// Index the rank's first report gets.

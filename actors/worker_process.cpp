@@ -196,6 +196,7 @@ void run_worker_process(caf::actor_system& system, const RunSpec& spec) {
   ws.context = a.context;
   ws.trainer = a.trainer;
   ws.store = a.store;
+  ws.files = a.files;
   ws.checkpoint = a.checkpoint;
   ws.first_report_index = a.first_report_index;
   ws.watchdog = a.launcher;
