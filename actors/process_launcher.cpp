@@ -23,6 +23,16 @@ void add_worker_process_message_types(caf::actor_system_config& cfg) {
 
 // -- warm spares -------------------------------------------------------------------------
 
+namespace {
+
+/// The CUDA_VISIBLE_DEVICES of a process started with `env` ("" when unset).
+std::string visible_devices(const std::map<std::string, std::string>& env) {
+  auto i = env.find("CUDA_VISIBLE_DEVICES");
+  return i == env.end() ? std::string() : i->second;
+}
+
+} // namespace
+
 SparePool::~SparePool() {
   close();
 }
@@ -71,8 +81,7 @@ void SparePool::start(const std::string& slot, const LaunchSpec& spec) {
     else if (unexpected)
       spdlog::warn("caftrain: spare worker process {} {} before it was needed", pid, describe_exit(status));
   });
-  auto devices = env.count("CUDA_VISIBLE_DEVICES") ? env.at("CUDA_VISIBLE_DEVICES") : std::string();
-  spares_[key] = Spare{slot, trainer, devices, pid, false, caf::actor(), reaper, gone};
+  spares_[key] = Spare{slot, trainer, visible_devices(env), pid, false, caf::actor(), reaper, gone};
 }
 
 std::optional<SparePool::Claimed> SparePool::claim(const std::string& slot, const caf::actor_addr& trainer,
@@ -314,7 +323,7 @@ caf::behavior launcher_actor(caf::stateful_actor<LauncherState>* self, LaunchSpe
   std::optional<SparePool::Claimed> spare;
   if (st.hub.spares && !st.spec.spare_slot.empty())
     spare = st.hub.spares->claim(st.spec.spare_slot, st.spec.assignment.trainer.address(),
-                                 st.spec.env["CUDA_VISIBLE_DEVICES"], me);
+                                 visible_devices(st.spec.env), me);
   if (spare) {
     // A warm spare of this rank: loaded already, waiting for its hello's answer.
     st.pid = spare->pid;

@@ -3,6 +3,7 @@
 #include "actors/network.hpp"
 #include "actors/process_launcher.hpp"
 #include "actors/run_files.hpp"
+#include "actors/store_server.hpp"
 #include "actors/subscribers.hpp"
 #include "actors/torch_trainer.hpp"
 #include "actors/worker_process.hpp"
@@ -26,7 +27,6 @@
 #include "core/error.hpp"
 #include "environment/local_communicator.hpp"
 #include "environment/store_protocol.hpp"
-#include "actors/store_server.hpp"
 
 namespace caftrain {
 
@@ -180,6 +180,42 @@ void serve(Self self, const Checkpoint& ckpt) {
   self->send(self->state.files, serve_files_atom::value, ckpt.path(), std::move(files));
 }
 
+/// Where each rank of a placement (`nodes`, a node per rank) stands: its rank among its
+/// node's ranks, and the node's rank (in order of first use).
+struct Standing {
+  int64_t local_rank = 0;
+  int64_t node_rank = 0;
+  int64_t local_world_size = 0;
+};
+
+std::vector<Standing> standings(const std::vector<std::string>& nodes) {
+  std::vector<std::string> order;
+  std::map<std::string, int64_t> per_node, seen;
+  for (auto& node : nodes) {
+    if (!per_node.count(node))
+      order.push_back(node);
+    ++per_node[node];
+  }
+  std::vector<Standing> result;
+  for (auto& node : nodes)
+    result.push_back({seen[node]++, std::find(order.begin(), order.end(), node) - order.begin(), per_node[node]});
+  return result;
+}
+
+/// The CUDA_VISIBLE_DEVICES of a worker process of local rank `local_rank`: a CPU worker
+/// sees no GPU (as Ray sets it); a GPU worker sees its own, as cuda:0.
+std::string visible_devices(Self self, int64_t local_rank) {
+  return self->state.spec->options.scaling.use_gpu ? std::to_string(local_rank) : "";
+}
+
+/// The CUDA_VISIBLE_DEVICES of each rank standing as `where` says.
+std::vector<std::string> devices_of(Self self, const std::vector<Standing>& where) {
+  std::vector<std::string> devices;
+  for (auto& s : where)
+    devices.push_back(visible_devices(self, s.local_rank));
+  return devices;
+}
+
 /// How rank `ws.context.world_rank` is started as a worker process: what it is told at
 /// its hello, its command line and environment (torch's variables, as torchrun sets
 /// them; the launcher adds where its hub listens).
@@ -222,8 +258,7 @@ LaunchSpec launch_spec(Self self, WorkerSpec& ws) {
     {"WORLD_SIZE", std::to_string(ctx.world_size)},
     {"LOCAL_WORLD_SIZE", std::to_string(ctx.local_world_size)},
     {"NODE_RANK", std::to_string(ctx.node_rank)},
-    // A CPU worker sees no GPU (as Ray sets it); a GPU worker sees its own as cuda:0.
-    {"CUDA_VISIBLE_DEVICES", scaling.use_gpu ? std::to_string(ctx.local_rank) : ""},
+    {"CUDA_VISIBLE_DEVICES", visible_devices(self, ctx.local_rank)},
     {"OMP_NUM_THREADS", std::to_string(ctx.num_threads)},
   };
   if (st.cluster) // the worker connects to this driver directly (see worker_process.cpp)
@@ -336,34 +371,34 @@ void launch_on_node(Self self, int64_t attempt, int64_t rank, std::string node, 
   with_agent(self, node, launch, give_up);
 }
 
-/// Where each rank of a placement (`nodes`, a node per rank) stands: its rank among its
-/// node's ranks, and the node's rank (in order of first use).
-struct Standing {
-  int64_t local_rank = 0;
-  int64_t node_rank = 0;
-  int64_t local_world_size = 0;
-};
-
-std::vector<Standing> standings(const std::vector<std::string>& nodes) {
-  std::vector<std::string> order;
-  std::map<std::string, int64_t> per_node, seen;
-  for (auto& node : nodes) {
-    if (!per_node.count(node))
-      order.push_back(node);
-    ++per_node[node];
+/// Has `node` start `count` spares of the run for a node's loss, with CUDA_VISIBLE_DEVICES
+/// `devices` (the rest of a spare's variables are its assignment's once claimed).
+void start_loss_spares(Self self, int64_t attempt, const std::string& node, const std::string& devices,
+                       int64_t count) {
+  auto& st = self->state;
+  WorkerSpec ws; // a spec like a rank's
+  ws.run = st.spec;
+  ws.context.world_size = static_cast<int64_t>(st.rank_nodes.size());
+  ws.context.local_rank = devices.empty() ? 0 : std::stoll(devices);
+  ws.context.attempt = attempt;
+  ws.context.run_name = st.spec->name;
+  ws.context.run_dir = st.spec->dir;
+  ws.context.num_threads = 1;
+  std::vector<LaunchSpec> specs;
+  for (int64_t i = 0; i < count; ++i) {
+    auto spec = launch_spec(self, ws);
+    spec.spare_slot = st.spec->name + "/node loss spare " + devices + "#" + std::to_string(i);
+    specs.push_back(std::move(spec));
   }
-  std::vector<Standing> result;
-  for (auto& node : nodes)
-    result.push_back({seen[node]++, std::find(order.begin(), order.end(), node) - order.begin(), per_node[node]});
-  return result;
-}
-
-/// The CUDA_VISIBLE_DEVICES of each rank standing as `where` says.
-std::vector<std::string> devices_of(Self self, const std::vector<Standing>& where) {
-  std::vector<std::string> devices;
-  for (auto& s : where)
-    devices.push_back(self->state.spec->options.scaling.use_gpu ? std::to_string(s.local_rank) : "");
-  return devices;
+  with_agent(
+    self, node,
+    [=](caf::actor agent) {
+      for (auto& spec : specs)
+        self->send(agent, spare_start_atom::value, spec);
+    },
+    [=](const std::string& why) {
+      spdlog::info("caftrain: run {}: no warm spare on node '{}': {}", self->state.spec->name, node, why);
+    });
 }
 
 /// Warm spares for a node's loss (FailureConfig::warm_spares on a cluster). A rank's own
@@ -393,36 +428,9 @@ void plan_loss_spares(Self self, int64_t attempt) {
             ++extra[{nodes[r], then[r]}];
             --extra[{st.rank_nodes[r], now[r]}];
           }
-          for (auto& [where, count] : extra) {
-            auto& [node, devices] = where;
-            if (count <= 0 || node == lost)
-              continue;
-            // A spec like a rank's (its variables are the assignment's once claimed).
-            WorkerSpec ws;
-            ws.run = st.spec;
-            ws.context.world_rank = 0;
-            ws.context.world_size = static_cast<int64_t>(nodes.size());
-            ws.context.attempt = attempt;
-            ws.context.run_name = st.spec->name;
-            ws.context.run_dir = st.spec->dir;
-            ws.context.num_threads = 1;
-            std::vector<LaunchSpec> specs;
-            for (int64_t i = 0; i < count; ++i) {
-              auto spec = launch_spec(self, ws);
-              spec.env["CUDA_VISIBLE_DEVICES"] = devices;
-              spec.spare_slot = st.spec->name + "/node loss spare " + devices + "#" + std::to_string(i);
-              specs.push_back(std::move(spec));
-            }
-            with_agent(
-              self, node,
-              [=](caf::actor agent) {
-                for (auto& spec : specs)
-                  self->send(agent, spare_start_atom::value, spec);
-              },
-              [=](const std::string& why) {
-                spdlog::info("caftrain: run {}: no warm spare on node '{}': {}", self->state.spec->name, node, why);
-              });
-          }
+          for (auto& [where, count] : extra)
+            if (count > 0 && where.first != lost)
+              start_loss_spares(self, attempt, where.first, where.second, count);
         },
         [](caf::error&) {
           // no prediction (an older head): the restart starts its processes
@@ -567,14 +575,7 @@ void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest)
   st.rank_nodes.assign(static_cast<size_t>(n), "local");
   if (st.placement && st.placement->nodes.size() == static_cast<size_t>(n))
     st.rank_nodes = st.placement->nodes;
-  std::vector<std::string> node_order;
-  std::map<std::string, int64_t> per_node;
-  for (auto& node : st.rank_nodes) {
-    if (!per_node.count(node))
-      node_order.push_back(node);
-    ++per_node[node];
-  }
-  std::map<std::string, int64_t> seen;
+  auto where = standings(st.rank_nodes);
   for (int64_t rank = 0; rank < n; ++rank) {
     WorkerSpec ws;
     if (!local.empty())
@@ -586,12 +587,12 @@ void start_workers(Self self, int64_t attempt, std::optional<Checkpoint> latest)
     ws.checkpoint = start;
     ws.first_report_index = first_index;
     auto& ctx = ws.context;
-    auto& node = st.rank_nodes[static_cast<size_t>(rank)];
+    auto& stands = where[static_cast<size_t>(rank)];
     ctx.world_rank = rank;
-    ctx.local_rank = seen[node]++;
-    ctx.node_rank = std::find(node_order.begin(), node_order.end(), node) - node_order.begin();
+    ctx.local_rank = stands.local_rank;
+    ctx.node_rank = stands.node_rank;
     ctx.world_size = n;
-    ctx.local_world_size = per_node[node];
+    ctx.local_world_size = stands.local_world_size;
     ctx.device = scaling.use_gpu ? "cuda:" + std::to_string(ctx.local_rank) : "cpu";
     ctx.num_threads = threads;
     // On a cluster each worker uses the CPUs of its bundle on its node.

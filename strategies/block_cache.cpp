@@ -105,17 +105,14 @@ User::User() {
 }
 
 User::~User() {
-  std::vector<Block*> blocks;
   {
     auto& c = cache();
     std::lock_guard<std::mutex> guard(c.mtx);
     if (--c.users > 0)
       return;
-    blocks = take_all(c);
     c.largest = 0;
   }
-  for (auto* block : blocks)
-    delete block; // outside the lock: frees the memory
+  trim(); // the last user: nothing stays cached
 }
 
 void trim() {
@@ -126,7 +123,7 @@ void trim() {
     blocks = take_all(c);
   }
   for (auto* block : blocks)
-    delete block;
+    delete block; // outside the lock: frees the memory
 }
 
 int64_t cached_bytes() {
